@@ -1,0 +1,1069 @@
+"""Every dataset, tokenizer and augmentation the method scripts use.
+
+Contents, top to bottom:
+
+1. Command-line flags: `DataArgs` (the data flags every script shares) and `parse_args`, which
+   turns any `@dataclass` of flags into an argparse parser whose `--help` shows each field's doc.
+2. `PairSet`: images with several captions each, the one structure every loader returns, and
+   `EvalSuite` / `LabelSet` / `ProbeTask`: what `eval.py` measures (retrieval, zero-shot, probes).
+3. The synthetic benchmark (the offline default): procedurally drawn shapes with five captions each,
+   generated on the fly from (seed, split, index). See `SYNTH_*` tables and `SynthPairSet`.
+4. Real data loaders: Karpathy split JSON (COCO / Flickr30k / Flickr8k), ALBEF JSON lists,
+   img2dataset / webdataset output (tar shards or extracted folders), CSV/TSV, ImageFolder, CIFAR.
+   Broken inputs (missing or corrupt image, empty caption) are skipped, counted and reported once.
+5. Tokenizers: any Hugging Face name or directory, or a word-level vocabulary generated offline
+   (from the synthetic word list, or from the training captions of a real dataset).
+6. Augmentations: image train / second-view / eval transforms, and EDA for text.
+7. Training input pipeline: `TrainPairs` + `StepSampler` (deterministic by (seed, step), so a
+   resumed run sees exactly the batches an uninterrupted run would) + `Collate`.
+8. `python data.py export --out DIR` writes the synthetic benchmark in the Karpathy layout;
+   `python data.py bench` measures the generator's images/s.
+"""
+from __future__ import annotations
+
+import argparse
+import ast
+import colorsys
+import csv
+import dataclasses
+import glob
+import inspect
+import io
+import json
+import math
+import os
+import random
+import re
+import sys
+import tarfile
+import tempfile
+import textwrap
+import time
+from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import torch
+from PIL import Image, ImageDraw, ImageFile
+from torch.utils.data import Dataset, Sampler
+
+
+# ----------------------------------------------------------------------------------------------
+# 1. Flags
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class DataArgs:
+    data: str = "synthetic"
+    """dataset: synthetic | karpathy | albef | wds | csv"""
+    data_root: str = ""
+    """folder holding the images (and the annotation file); ignored for synthetic"""
+    ann_file: str = ""
+    """annotation file (karpathy/albef JSON, CSV/TSV); default: looked up in --data-root"""
+    image_col: str = "filepath"
+    """CSV/TSV column holding the image path (relative to --data-root)"""
+    caption_col: str = "title"
+    """CSV/TSV column holding the caption"""
+    max_samples: int = 0
+    """use a deterministic subset of this many training images (0 = all)"""
+    max_eval: int = 0
+    """evaluate retrieval on at most this many test images (0 = all)"""
+    image_size: int = 64
+    """input resolution in pixels (the synthetic images are drawn at this size)"""
+    max_len: int = 32
+    """maximum caption length in tokens"""
+    tokenizer: str = "auto"
+    """'auto' (offline word vocabulary built from the data) or a Hugging Face name / local folder"""
+    num_workers: int = 1
+    """DataLoader worker processes (0 = load in the main process)"""
+    classify: str = ""
+    """extra zero-shot + probe benchmarks, comma-separated: cifar10=DIR, cifar100=DIR, folder=DIR"""
+    data_seed: int = 0
+    """seed of the synthetic benchmark (fixed, so runs with different --seed share one test set)"""
+    synth_train: int = 50000
+    """synthetic: number of training images"""
+    synth_texture_contrast: float = 0.18
+    """synthetic: contrast of the image-only background texture (0 = invisible, 1 = black/white)"""
+    probe_train: int = 2000
+    """training images used to fit the linear probes"""
+
+
+def _field_docs(cls) -> dict:
+    """Docstrings written under dataclass fields (CleanRL style), read from the source with `ast`."""
+    docs = {}
+    for klass in reversed(cls.__mro__[:-1]):
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for node, nxt in zip(body, body[1:]):
+            if (isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr)
+                    and isinstance(getattr(nxt, "value", None), ast.Constant)
+                    and isinstance(nxt.value.value, str)):
+                docs[node.target.id] = nxt.value.value.strip()
+    return docs
+
+
+def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=True) -> argparse.ArgumentParser:
+    """One `--flag-name` per field of `cls`; bools become `--flag/--no-flag`.
+
+    With defaults=False every default is argparse.SUPPRESS, so only flags the user gave appear.
+    """
+    docs = _field_docs(cls)
+    for f in dataclasses.fields(cls):
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        kw = dict(default=default if defaults else argparse.SUPPRESS,
+                  help=f"{docs.get(f.name, '')} (default: {default!r})")
+        flag = "--" + f.name.replace("_", "-")
+        if isinstance(default, bool):
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
+        else:
+            parser.add_argument(flag, type=type(default), **kw)
+    return parser
+
+
+def parse_args(cls, argv=None):
+    """Parse the command line into an instance of the dataclass `cls` (its docstring is the help)."""
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
+    return cls(**vars(add_dataclass_args(parser, cls).parse_args(argv)))
+
+
+# ----------------------------------------------------------------------------------------------
+# 2. The shared structures
+# ----------------------------------------------------------------------------------------------
+class PairSet:
+    """Images with one or more captions each (image-major), plus optional per-image labels.
+
+    Subclasses implement `_load(ref) -> PIL.Image`. `refs[i]` says where image i comes from.
+    """
+
+    def __init__(self, name, refs, captions, labels=None):
+        assert len(refs) == len(captions)
+        self.name, self.refs, self.captions = name, list(refs), [list(c) for c in captions]
+        self.labels = {k: list(v) for k, v in (labels or {}).items()}
+
+    def __len__(self):
+        return len(self.refs)
+
+    def load_image(self, i) -> Image.Image:
+        return to_rgb(self._load(self.refs[i]))
+
+    @property
+    def texts(self):
+        return [c for caps in self.captions for c in caps]
+
+    @property
+    def txt2img(self):
+        return [i for i, caps in enumerate(self.captions) for _ in caps]
+
+    @property
+    def img2txt(self):
+        out, k = [], 0
+        for caps in self.captions:
+            out.append(list(range(k, k + len(caps))))
+            k += len(caps)
+        return out
+
+    def subset(self, indices):
+        idx = list(indices)
+        new = object.__new__(type(self))
+        new.__dict__.update(self.__dict__)
+        new.refs = [self.refs[i] for i in idx]
+        new.captions = [self.captions[i] for i in idx]
+        new.labels = {k: [v[i] for i in idx] for k, v in self.labels.items()}
+        return new
+
+    def __repr__(self):
+        return f"{type(self).__name__}({self.name!r}, {len(self)} images, {len(self.texts)} captions)"
+
+
+@dataclass
+class LabelSet:
+    """One zero-shot classification task: class names, prompt templates, labelled images."""
+    classnames: list
+    templates: list
+    images: PairSet
+    target: str
+
+
+@dataclass
+class ProbeTask:
+    """One linear-probe task on frozen features of one modality ('image' or 'text')."""
+    target: str
+    classes: list
+    modality: str
+    train: PairSet
+    val: PairSet
+    test: PairSet
+
+
+@dataclass
+class EvalSuite:
+    retrieval: PairSet | None = None
+    zeroshot: dict = field(default_factory=dict)
+    probes: dict = field(default_factory=dict)
+
+    def merge(self, other: "EvalSuite") -> "EvalSuite":
+        return EvalSuite(self.retrieval or other.retrieval, {**self.zeroshot, **other.zeroshot},
+                         {**self.probes, **other.probes})
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Grayscale, palette, CMYK, 16-bit: converted; RGBA/LA: composited on white."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGB", img.size, (255, 255, 255))
+        bg.paste(img, mask=img.getchannel("A"))
+        return bg
+    if img.mode in ("I;16", "I"):
+        img = img.point(lambda v: v / 256).convert("L")
+    return img.convert("RGB")
+
+
+# ----------------------------------------------------------------------------------------------
+# 3. The synthetic benchmark
+# ----------------------------------------------------------------------------------------------
+# Each image shows one main object (shape, colour, size, position) on a gray textured background,
+# and in half of the images a tiny second object in the other half of the canvas (a relation).
+#   shared attributes:  shape, colour (named in captions and drawn)
+#   image-only:         background texture (drawn, never named: no caption word for it exists)
+#   text-only:          material (named in every caption, never drawn)
+#   held-out:           SYNTH_HELDOUT (colour, shape) pairs never appear in train; 15% of the
+#                       val/test main objects use them (compositional generalization).
+SYNTH_SHAPES = {"circle": ["circle", "disc"], "square": ["square", "box"], "triangle": ["triangle"],
+                "star": ["star"], "cross": ["cross", "plus"], "bar": ["bar", "rod"],
+                "crescent": ["crescent", "moon"], "ring": ["ring", "hoop"]}
+# colour name -> (hue in degrees, saturation); each object's hue is drawn around its centre with
+# SYNTH_HUE_JITTER degrees of spread, so neighbouring names overlap a little, as in real captions
+SYNTH_COLOURS = {"red": (0, 0.85), "orange": (28, 0.9), "yellow": (55, 0.85), "green": (120, 0.75),
+                 "cyan": (182, 0.8), "blue": (228, 0.8), "purple": (275, 0.7), "pink": (322, 0.45)}
+SYNTH_HUE_JITTER = 10.0
+SYNTH_COLOUR_WORDS = {"red": ["red", "scarlet"], "orange": ["orange"], "yellow": ["yellow"],
+                      "green": ["green"], "cyan": ["cyan", "turquoise"], "blue": ["blue"],
+                      "purple": ["purple", "violet"], "pink": ["pink"]}
+SYNTH_SIZES = {"small": (0.15, ["small", "little"]), "large": (0.25, ["large", "big"])}
+SYNTH_SECOND_SIZE = 0.09          # the second object is always tiny, so the main one is the larger
+SYNTH_TEXTURES = ["plain", "stripes", "dots", "checker"]
+SYNTH_MATERIALS = {"wooden": ["wooden"], "metal": ["metal", "metallic"], "plastic": ["plastic"],
+                   "glass": ["glass"], "paper": ["paper"]}
+SYNTH_POSITIONS = {"left": "on the left", "right": "on the right", "top": "at the top",
+                   "bottom": "at the bottom"}
+# relation of the main object to the second one (the second sits in the opposite half)
+SYNTH_RELATIONS = {"left": "to the left of", "right": "to the right of", "top": "above", "bottom": "below"}
+SYNTH_HELDOUT = [("red", "star"), ("orange", "ring"), ("yellow", "circle"), ("green", "triangle"),
+                 ("cyan", "square"), ("blue", "cross"), ("purple", "crescent"), ("pink", "bar")]
+SYNTH_TEMPLATES = ["a {np}.", "a photo of a {np}.", "a {np} {pos}.", "there is a {np} {pos}.",
+                   "{pos} there is a {np}.", "a picture of a {np}."]
+SYNTH_TEMPLATES_PAIR = ["a {np} {rel} a {np2}.", "a {np2} and a {np}.", "a {np} next to a {np2}.",
+                        "a picture of a {np} {rel} a {np2}."]
+SYNTH_PROMPTS = {"shape": ["a {}.", "a photo of a {}.", "a picture of a {}.", "there is a {}."],
+                 "colour": ["a {} object.", "a photo of a {} thing.", "there is a {} object."]}
+SYNTH_SPLITS = {"train": None, "val": 1000, "test": 1000}
+_SHAPE_NAMES, _COLOUR_NAMES = list(SYNTH_SHAPES), list(SYNTH_COLOURS)
+_MATERIAL_NAMES, _POS_NAMES = list(SYNTH_MATERIALS), list(SYNTH_POSITIONS)
+
+
+def synth_attributes(seed: int, split: str, index: int) -> dict:
+    """Attributes of synthetic image `index` of `split`: a pure function of its arguments."""
+    rng = random.Random(f"synth-{seed}-{split}-{index}")
+    heldout = split != "train" and rng.random() < 0.15
+    while True:
+        colour, shape = rng.choice(_COLOUR_NAMES), rng.choice(_SHAPE_NAMES)
+        if ((colour, shape) in SYNTH_HELDOUT) == heldout:
+            break
+    a = dict(shape=shape, colour=colour, size=rng.choice(list(SYNTH_SIZES)),
+             pos=rng.choice(_POS_NAMES), texture=rng.choice(SYNTH_TEXTURES),
+             material=rng.choice(_MATERIAL_NAMES), heldout=heldout, second=None)
+    if rng.random() < 0.5:
+        while True:
+            c2, s2 = rng.choice(_COLOUR_NAMES), rng.choice(_SHAPE_NAMES)
+            if (c2, s2) not in SYNTH_HELDOUT and (c2, s2) != (colour, shape):
+                break
+        a["second"] = (c2, s2)
+    return a
+
+
+def synth_captions(a: dict, seed: int, split: str, index: int, n: int = 5) -> list:
+    """Five captions from varied templates and synonyms; some leave the size, colour or shape out."""
+    rng = random.Random(f"caps-{seed}-{split}-{index}")
+    templates = SYNTH_TEMPLATES + (SYNTH_TEMPLATES_PAIR if a["second"] else [])
+    caps = []
+    for t in rng.sample(templates, n):
+        r = rng.random()  # 10%: no colour, 10%: no shape ("object"/"thing"), else both
+        words = [rng.choice(SYNTH_SIZES[a["size"]][1])] if rng.random() < 0.5 else []
+        words += [] if r < 0.1 else [rng.choice(SYNTH_COLOUR_WORDS[a["colour"]])]
+        words += [rng.choice(SYNTH_MATERIALS[a["material"]])]
+        words += [rng.choice(["object", "thing"]) if 0.1 <= r < 0.2 else rng.choice(SYNTH_SHAPES[a["shape"]])]
+        np2 = ""
+        if a["second"]:
+            c2, s2 = a["second"]
+            np2 = f"tiny {rng.choice(SYNTH_COLOUR_WORDS[c2])} {rng.choice(SYNTH_SHAPES[s2])}"
+        caps.append(t.format(np=" ".join(words), np2=np2, pos=SYNTH_POSITIONS[a["pos"]],
+                             rel=SYNTH_RELATIONS[a["pos"]]))
+    return caps
+
+
+def _shape_polygon(shape, cx, cy, r, rot):
+    """Vertices of a polygonal shape (circle and ring are drawn as ellipses)."""
+    def ring_pts(k, radius, offset=0.0):
+        return [(cx + radius * math.cos(rot + offset + 2 * math.pi * i / k),
+                 cy + radius * math.sin(rot + offset + 2 * math.pi * i / k)) for i in range(k)]
+    if shape == "square":
+        return ring_pts(4, r * 1.25, math.pi / 4)
+    if shape == "triangle":
+        return ring_pts(3, r * 1.3, -math.pi / 2)
+    if shape == "bar":
+        pts = [(-1.4 * r, -0.4 * r), (1.4 * r, -0.4 * r), (1.4 * r, 0.4 * r), (-1.4 * r, 0.4 * r)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    if shape == "star":
+        outer, inner = ring_pts(5, r * 1.35, -math.pi / 2), ring_pts(5, r * 0.55, -math.pi / 2 + math.pi / 5)
+        return [p for pair in zip(outer, inner) for p in pair]
+    if shape == "cross":
+        w = r * 0.38
+        pts = [(-w, -r), (w, -r), (w, -w), (r, -w), (r, w), (w, w), (w, r), (-w, r), (-w, w), (-r, w), (-r, -w), (-w, -w)]
+        c, s = math.cos(rot), math.sin(rot)
+        return [(cx + x * c - y * s, cy + x * s + y * c) for x, y in pts]
+    raise ValueError(shape)
+
+
+def _draw_shape(img, shape, cx, cy, r, fill, rot):
+    """Paint one shape: drawn as a mask first, so holes (ring, crescent) show the textured background."""
+    mask = Image.new("L", img.size, 0)
+    draw = ImageDraw.Draw(mask)
+    if shape in ("circle", "ring", "crescent"):
+        draw.ellipse([cx - 1.1 * r, cy - 1.1 * r, cx + 1.1 * r, cy + 1.1 * r], fill=255)
+        if shape == "ring":
+            draw.ellipse([cx - 0.55 * r, cy - 0.55 * r, cx + 0.55 * r, cy + 0.55 * r], fill=0)
+        elif shape == "crescent":  # a disc with an offset disc cut out of it
+            ox, oy = cx + 0.6 * r * math.cos(rot), cy + 0.6 * r * math.sin(rot) - 0.2 * r
+            draw.ellipse([ox - 0.95 * r, oy - 0.95 * r, ox + 0.95 * r, oy + 0.95 * r], fill=0)
+    else:
+        draw.polygon(_shape_polygon(shape, cx, cy, r, rot), fill=255)
+    img.paste(fill, mask=mask)
+
+
+def synth_render(a: dict, size: int, seed: int, split: str, index: int, texture_contrast: float) -> Image.Image:
+    """Draw the image of attributes `a` (the material is deliberately not drawn)."""
+    rng = random.Random(f"render-{seed}-{split}-{index}")
+    S = 2 * size  # draw at 2x and downsample: cheap anti-aliasing
+    base = rng.randint(95, 165)
+    img = Image.new("RGB", (S, S), (base,) * 3)
+    draw = ImageDraw.Draw(img)
+    delta = int(round(255 * texture_contrast)) * rng.choice([-1, 1])
+    tex = (max(0, min(255, base + delta)),) * 3
+    step = S / rng.uniform(5.0, 7.0)
+    if a["texture"] == "stripes":
+        for k in range(-S, 2 * S, int(step)):
+            draw.line([(k, 0), (k + S * 0.5, S)], fill=tex, width=max(1, int(step / 3)))
+    elif a["texture"] == "dots":
+        rd = step / 6
+        for x in range(int(step / 2), S, int(step)):
+            for y in range(int(step / 2), S, int(step)):
+                draw.ellipse([x - rd, y - rd, x + rd, y + rd], fill=tex)
+    elif a["texture"] == "checker":
+        st = int(step)
+        for i, x in enumerate(range(0, S, st)):
+            for j, y in enumerate(range(0, S, st)):
+                if (i + j) % 2:
+                    draw.rectangle([x, y, x + st - 1, y + st - 1], fill=tex)
+
+    def colour_of(name):  # per-object jitter: colour names are a little fuzzy, as in real photos
+        hue, sat = SYNTH_COLOURS[name]
+        h = (hue + rng.gauss(0, SYNTH_HUE_JITTER)) % 360 / 360
+        rgb = colorsys.hsv_to_rgb(h, min(1.0, sat * rng.uniform(0.85, 1.15)), rng.uniform(0.7, 1.0))
+        return tuple(int(255 * v) for v in rgb)
+
+    r = SYNTH_SIZES[a["size"]][0] * S
+    # the main object sits in the half named by its position, the second one in the other half
+    jit = lambda: rng.uniform(-0.06, 0.06) * S
+    centre = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
+    opposite = {"left": "right", "right": "left", "top": "bottom", "bottom": "top"}
+    cx, cy = [v * S for v in centre[a["pos"]]]
+    if a["pos"] in ("left", "right"):
+        cy += jit() * 2
+    else:
+        cx += jit() * 2
+    cx, cy = cx + jit(), cy + jit()
+    _draw_shape(img, a["shape"], cx, cy, r, colour_of(a["colour"]), rng.uniform(-0.3, 0.3))
+    if a["second"]:
+        c2, s2 = a["second"]
+        ox, oy = [v * S for v in centre[opposite[a["pos"]]]]
+        _draw_shape(img, s2, ox + jit(), oy + jit(), SYNTH_SECOND_SIZE * S, colour_of(c2), rng.uniform(-0.3, 0.3))
+    img = img.resize((size, size), Image.BILINEAR)
+    # mild sensor noise so the texture is not trivially readable from a single pixel
+    noise = torch.Generator().manual_seed(rng.getrandbits(62))
+    t = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8).float()
+    t = (t + torch.randn(t.shape, generator=noise) * 6).clamp(0, 255).to(torch.uint8)
+    return Image.frombytes("RGB", (size, size), t.numpy().tobytes())
+
+
+class SynthPairSet(PairSet):
+    """One split of the synthetic benchmark; images are drawn on the fly when loaded."""
+
+    def __init__(self, split, n, size=64, seed=0, texture_contrast=0.18):
+        attrs = [synth_attributes(seed, split, i) for i in range(n)]
+        caps = [synth_captions(a, seed, split, i) for i, a in enumerate(attrs)]
+        labels = {"shape": [_SHAPE_NAMES.index(a["shape"]) for a in attrs],
+                  "colour": [_COLOUR_NAMES.index(a["colour"]) for a in attrs],
+                  "object": [_COLOUR_NAMES.index(a["colour"]) * len(_SHAPE_NAMES) + _SHAPE_NAMES.index(a["shape"])
+                             for a in attrs],
+                  "texture": [SYNTH_TEXTURES.index(a["texture"]) for a in attrs],
+                  "material": [_MATERIAL_NAMES.index(a["material"]) for a in attrs],
+                  "heldout": [int(a["heldout"]) for a in attrs]}
+        super().__init__(f"synthetic-{split}", [(split, i) for i in range(n)], caps, labels)
+        self.attrs, self.size, self.seed, self.texture_contrast = attrs, size, seed, texture_contrast
+
+    def load_image(self, i):
+        split, index = self.refs[i]
+        return synth_render(self.attrs[i], self.size, self.seed, split, index, self.texture_contrast)
+
+
+def synth_vocabulary() -> list:
+    """Every word the synthetic captions and prompts can contain (plus the EDA table's words)."""
+    text = " ".join(SYNTH_TEMPLATES + SYNTH_TEMPLATES_PAIR + sum(SYNTH_PROMPTS.values(), [])
+                    + list(SYNTH_POSITIONS.values()) + list(SYNTH_RELATIONS.values()))
+    words = set(_words(text.replace("{np}", "").replace("{np2}", "").replace("{pos}", "").replace("{rel}", "")
+                       .replace("{}", "")))
+    for table in (SYNTH_SHAPES, SYNTH_COLOUR_WORDS, SYNTH_MATERIALS):
+        words |= {w for ws in table.values() for phrase in ws for w in phrase.split()}
+    words |= {w for _, ws in SYNTH_SIZES.values() for w in ws} | {"tiny", "object", "thing"}
+    words |= set(_words(" ".join(_COLOUR_NAMES + _SHAPE_NAMES)))
+    words |= {w for group in EDA_SYNONYMS for phrase in group for w in phrase.split()}
+    return sorted(words)
+
+
+def synthetic_suite(args) -> tuple:
+    """(train PairSet, EvalSuite) of the synthetic benchmark for `args` (a DataArgs)."""
+    kw = dict(size=args.image_size, seed=args.data_seed, texture_contrast=args.synth_texture_contrast)
+    n_train = args.max_samples or args.synth_train
+    train = SynthPairSet("train", n_train, **kw)
+    val, test = SynthPairSet("val", SYNTH_SPLITS["val"], **kw), SynthPairSet("test", SYNTH_SPLITS["test"], **kw)
+    if args.max_eval:
+        test = test.subset(range(min(args.max_eval, len(test))))
+    seen = test.subset([i for i, h in enumerate(test.labels["heldout"]) if not h])
+    held = test.subset([i for i, h in enumerate(test.labels["heldout"]) if h])
+    objects = [f"{c} {s}" for c in _COLOUR_NAMES for s in _SHAPE_NAMES]
+    zeroshot = {"shape": LabelSet(_SHAPE_NAMES, SYNTH_PROMPTS["shape"], test, "shape"),
+                "colour": LabelSet(_COLOUR_NAMES, SYNTH_PROMPTS["colour"], test, "colour"),
+                "object": LabelSet(objects, SYNTH_PROMPTS["shape"], seen, "object"),
+                "object_heldout": LabelSet(objects, SYNTH_PROMPTS["shape"], held, "object")}
+    probe_train = train.subset(range(min(args.probe_train, len(train))))
+    classes = {"shape": _SHAPE_NAMES, "colour": _COLOUR_NAMES, "texture": SYNTH_TEXTURES,
+               "material": _MATERIAL_NAMES}
+    modality = {"shape": "image", "colour": "image", "texture": "image", "material": "text"}
+    probes = {t: ProbeTask(t, classes[t], modality[t], probe_train, val, test) for t in classes}
+    return train, EvalSuite(test, zeroshot, probes)
+
+
+def export_karpathy(out_dir, n_train=5000, n_val=1000, n_test=1000, size=64, seed=0, texture_contrast=0.18):
+    """Write the synthetic benchmark to disk in the Karpathy layout (PNG files + dataset JSON)."""
+    os.makedirs(os.path.join(out_dir, "images"), exist_ok=True)
+    images, sentid = [], 0
+    for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
+        ps = SynthPairSet(split, n, size=size, seed=seed, texture_contrast=texture_contrast)
+        for i in range(n):
+            name = f"{split}_{i:06d}.png"
+            ps.load_image(i).save(os.path.join(out_dir, "images", name))
+            sents = [{"raw": c, "sentid": sentid + k} for k, c in enumerate(ps.captions[i])]
+            sentid += len(sents)
+            images.append({"filepath": "images", "filename": name, "split": split, "sentences": sents,
+                           "attributes": ps.attrs[i]})
+    with open(os.path.join(out_dir, "dataset_synthetic.json"), "w") as f:
+        json.dump({"dataset": "synthetic", "images": images}, f)
+
+
+# ----------------------------------------------------------------------------------------------
+# 4. Real data
+# ----------------------------------------------------------------------------------------------
+DOWNLOAD_HINTS = {
+    "karpathy": "a Karpathy-split JSON (dataset_coco.json / dataset_flickr30k.json / dataset_flickr8k.json, "
+                "from the 'caption_datasets' archive of Karpathy & Fei-Fei's NeuralTalk) in --data-root or "
+                "given by --ann-file, with the images under --data-root/<filepath>/<filename> "
+                "(COCO: train2014/ and val2014/ from cocodataset.org; Flickr30k: flickr30k-images/)",
+    "albef": "ALBEF-style JSON lists (e.g. coco_train.json, coco_test.json from the ALBEF repository's data "
+             "archive): training entries {'image': path, 'caption': str}, evaluation entries "
+             "{'image': path, 'caption': [str, ...]}; give the training file with --ann-file, image paths "
+             "relative to --data-root",
+    "wds": "img2dataset output (e.g. CC3M: `img2dataset --url_list cc3m.tsv --output_format webdataset`): "
+           "a folder of webdataset .tar shards or of extracted {key}.jpg + {key}.txt files",
+    "csv": "a CSV or TSV file (--ann-file) with an image-path column (--image-col) and a caption column "
+           "(--caption-col), paths relative to --data-root",
+}
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
+ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated JPEG is an error we count, not a gray stripe
+
+
+def missing(kind, what):
+    return FileNotFoundError(f"{what} not found. --data {kind} expects {DOWNLOAD_HINTS[kind]}.")
+
+
+class FilePairSet(PairSet):
+    """Images referenced by path, or by (tar path, byte offset, size) inside a webdataset shard."""
+
+    def __init__(self, name, refs, captions, labels=None, draft=0):
+        super().__init__(name, refs, captions, labels)
+        self.draft = draft  # decode JPEGs at reduced scale when the model input is small
+
+    def _load(self, ref):
+        if isinstance(ref, tuple):  # (tar, offset, size)
+            with open(ref[0], "rb") as f:
+                f.seek(ref[1])
+                img = Image.open(io.BytesIO(f.read(ref[2])))
+        else:
+            img = Image.open(ref)
+        if self.draft and img.format == "JPEG":
+            img.draft("RGB", (self.draft, self.draft))
+        img.load()
+        return img
+
+
+def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers=8, report=None):
+    """Build a FilePairSet, dropping empty captions and unreadable images; report counts once.
+
+    Each image is opened and fully decoded once (at reduced JPEG scale), in a thread pool, so a
+    missing, corrupt or truncated file is found here instead of crashing an epoch later.
+    `report`: counts the caller already made (e.g. a caption file without its image), merged in.
+    """
+    report = Counter(report or {})
+    keep_caps = []
+    for caps in captions:
+        good = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
+        if len(good) < len(caps):
+            report["empty captions dropped"] += len(caps) - len(good)
+        keep_caps.append(good)
+    ps = FilePairSet(name, refs, keep_caps, labels, draft=draft or 64)
+
+    def check(i):
+        try:
+            img = ps._load(ps.refs[i])
+            return img.mode
+        except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
+            return f"error: {type(e).__name__}"
+    modes = list(ThreadPoolExecutor(workers).map(check, range(len(ps)))) if verify else ["RGB"] * len(ps)
+    keep = []
+    for i, m in enumerate(modes):
+        if m.startswith("error"):
+            report[f"unreadable images skipped ({m[7:]})"] += 1
+        elif not ps.captions[i]:
+            report["images without a caption skipped"] += 1
+        else:
+            keep.append(i)
+            if m != "RGB":
+                report[f"{m} images converted to RGB"] += 1
+    ps = ps.subset(keep)
+    ps.draft = draft
+    if report:
+        print(f"[data] {name}: {len(ps)} images kept; " + "; ".join(f"{v} {k}" for k, v in sorted(report.items())),
+              file=sys.stderr)
+    ps.report = dict(report)
+    return ps
+
+
+def _find_ann(args, kind, patterns):
+    if args.ann_file:
+        path = args.ann_file if os.path.isabs(args.ann_file) or os.path.exists(args.ann_file) \
+            else os.path.join(args.data_root, args.ann_file)
+        if not os.path.exists(path):
+            raise missing(kind, f"annotation file {path!r}")
+        return path
+    if not os.path.isdir(args.data_root or ""):
+        raise missing(kind, f"--data-root {args.data_root!r}")
+    for p in patterns:
+        hits = sorted(glob.glob(os.path.join(args.data_root, p)))
+        if hits:
+            return hits[0]
+    raise missing(kind, f"an annotation file ({' or '.join(patterns)}) in {args.data_root!r} was")
+
+
+def _require_images(kind, ps, refs):
+    """A training set whose every image is missing or unreadable: fail here, naming the layout."""
+    if refs and not len(ps):
+        raise FileNotFoundError(f"{ps.name}: none of the {len(refs)} images could be read (the first is expected "
+                                f"at {refs[0]!r}; {ps.report}). --data {kind} expects {DOWNLOAD_HINTS[kind]}.")
+    return ps
+
+
+def _subsample(items, n, seed=0):
+    """A deterministic subset of n items (order preserved); n = 0 keeps everything."""
+    if not n or n >= len(items):
+        return items
+    keep = sorted(random.Random(seed).sample(range(len(items)), n))
+    return [items[i] for i in keep]
+
+
+def load_karpathy(args):
+    """Karpathy split JSON: train = train + restval, test = test (val is returned for probes/tuning)."""
+    path = _find_ann(args, "karpathy", ["dataset_*.json", "*.json"])
+    with open(path) as f:
+        images = json.load(f)["images"]
+    splits = {"train": [], "val": [], "test": []}
+    for im in images:
+        split = "train" if im["split"] == "restval" else im["split"]
+        rel = os.path.join(im.get("filepath", ""), im["filename"])
+        splits[split].append((os.path.join(args.data_root, rel), [s["raw"] for s in im["sentences"]]))
+    splits["train"] = _subsample(splits["train"], args.max_samples)
+    splits["test"] = splits["test"][:args.max_eval] if args.max_eval else splits["test"]
+    name = os.path.splitext(os.path.basename(path))[0].replace("dataset_", "")
+    out = {s: clean_pairs(f"{name}-{s}", [r for r, _ in v], [c for _, c in v], draft=2 * args.image_size)
+           for s, v in splits.items() if v}
+    if "train" in out:
+        _require_images("karpathy", out["train"], [r for r, _ in splits["train"]])
+    return out
+
+
+def load_albef(args):
+    """ALBEF JSON lists: the training file has one entry per caption; *_test/*_val have caption lists."""
+    path = _find_ann(args, "albef", ["*train*.json"])
+    out = {}
+    for split in ("train", "val", "test"):
+        p = path if split == "train" else \
+            os.path.join(os.path.dirname(path), os.path.basename(path).replace("train", split))
+        if not os.path.exists(p):
+            continue
+        with open(p) as f:
+            entries = json.load(f)
+        grouped = {}
+        for e in entries:  # group the one-caption entries of each image
+            caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+            grouped.setdefault(e["image"], []).extend(caps)
+        items = list(grouped.items())
+        items = _subsample(items, args.max_samples) if split == "train" else \
+            (items[:args.max_eval] if args.max_eval and split == "test" else items)
+        out[split] = clean_pairs(f"albef-{split}", [os.path.join(args.data_root, k) for k, _ in items],
+                                 [c for _, c in items], draft=2 * args.image_size)
+        if split == "train":
+            _require_images("albef", out[split], [os.path.join(args.data_root, k) for k, _ in items])
+    return out
+
+
+def _read_text(data: bytes) -> str:
+    return data.decode("utf-8", errors="replace").strip()
+
+
+def load_wds(args):
+    """img2dataset output: .tar shards (read in place with `tarfile`) or extracted {key}.jpg/{key}.txt."""
+    root = args.data_root
+    if not os.path.isdir(root or ""):
+        raise missing("wds", f"--data-root {root!r}")
+    refs, caps, report = [], [], Counter()
+
+    def incomplete(has_image):
+        report["images without a caption skipped" if has_image else "captions without an image skipped"] += 1
+    shards = sorted(glob.glob(os.path.join(root, "**", "*.tar"), recursive=True))
+    for shard in shards:
+        members = {}
+        with tarfile.open(shard) as tf:
+            for m in tf.getmembers():
+                if not m.isfile():
+                    continue
+                key, ext = os.path.splitext(m.name)
+                members.setdefault(key, {})[ext.lower()] = m
+            for key in sorted(members):
+                group = members[key]
+                img = next((group[e] for e in IMAGE_EXTS if e in group), None)
+                if img is None or ".txt" not in group:
+                    if img is not None or ".txt" in group:
+                        incomplete(img is not None)
+                    continue
+                refs.append((shard, img.offset_data, img.size))
+                caps.append([_read_text(tf.extractfile(group[".txt"]).read())])
+    if not shards:
+        txts = set(glob.glob(os.path.join(root, "**", "*.txt"), recursive=True))
+        for txt in sorted(txts):
+            stem = os.path.splitext(txt)[0]
+            img = next((stem + e for e in IMAGE_EXTS if os.path.exists(stem + e)), None)
+            if img:
+                with open(txt, "rb") as f:
+                    refs.append(img)
+                    caps.append([_read_text(f.read())])
+            else:
+                incomplete(False)
+        for p in glob.glob(os.path.join(root, "**", "*"), recursive=True):
+            if p.lower().endswith(IMAGE_EXTS) and os.path.splitext(p)[0] + ".txt" not in txts:
+                incomplete(True)
+    if not refs:
+        raise missing("wds", f"image/caption pairs ({{key}}.jpg + {{key}}.txt, or .tar shards) under {root!r} were")
+    return _holdout_split("wds", refs, caps, args, report=report)
+
+
+def load_csv(args):
+    """CSV/TSV with explicit image and caption columns; the delimiter is sniffed."""
+    path = _find_ann(args, "csv", ["*.csv", "*.tsv"])
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        head = f.read(65536)
+        f.seek(0)
+        try:
+            dialect = csv.Sniffer().sniff(head, delimiters=",\t;|")
+        except csv.Error:
+            dialect = csv.excel_tab if path.endswith(".tsv") else csv.excel
+        reader = csv.DictReader(f, dialect=dialect)
+        cols = reader.fieldnames or []
+        for c in (args.image_col, args.caption_col):
+            if c not in cols:
+                raise KeyError(f"column {c!r} not in {path}; the columns are {cols}. "
+                               f"Choose them with --image-col and --caption-col.")
+        grouped = {}
+        for row in reader:
+            grouped.setdefault(row[args.image_col], []).append(row[args.caption_col] or "")
+    refs = [p if os.path.isabs(p) else os.path.join(args.data_root or os.path.dirname(path), p) for p in grouped]
+    return _holdout_split("csv", refs, list(grouped.values()), args)
+
+
+def _holdout_split(name, refs, caps, args, n_test=1000, report=None):
+    """For sources without splits: the last min(1000, 5%) pairs (in the loader's order) are the test split."""
+    n = len(refs)
+    k = min(n_test, max(1, n // 20)) if n > 1 else 0
+    train = _subsample(list(zip(refs[:n - k], caps[:n - k])), args.max_samples)
+    test = list(zip(refs[n - k:], caps[n - k:]))[: args.max_eval or None]
+    out = {"train": clean_pairs(f"{name}-train", [r for r, _ in train], [c for _, c in train],
+                                draft=2 * args.image_size, report=report)}
+    _require_images(name, out["train"], [r for r, _ in train])
+    if test:
+        out["test"] = clean_pairs(f"{name}-test", [r for r, _ in test], [c for _, c in test], draft=2 * args.image_size)
+    return out
+
+
+LOADERS = {"karpathy": load_karpathy, "albef": load_albef, "wds": load_wds, "csv": load_csv}
+CLASSIFY_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
+
+
+def folder_suite(root, args, name=None, templates=CLASSIFY_TEMPLATES) -> EvalSuite:
+    """Any ImageFolder (root/<class>/<image>) as a zero-shot task and a linear probe.
+
+    Deterministic split per class: 60% probe-train, 20% probe-val, 20% test (zero-shot uses test).
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"ImageFolder {root!r} not found: expected {root}/<class name>/<image files>")
+    classes = sorted(d for d in os.listdir(root) if os.path.isdir(os.path.join(root, d)))
+    if not classes:
+        raise FileNotFoundError(f"ImageFolder {root!r} has no class sub-folders")
+    parts = {"train": [], "val": [], "test": []}
+    for ci, c in enumerate(classes):
+        files = sorted(f for f in os.listdir(os.path.join(root, c)) if f.lower().endswith(IMAGE_EXTS))
+        for j, fn in enumerate(files):
+            part = "train" if j % 5 < 3 else ("val" if j % 5 == 3 else "test")
+            parts[part].append((os.path.join(root, c, fn), ci))
+    name = name or os.path.basename(os.path.normpath(root))
+    names = [c.replace("_", " ") for c in classes]
+    sets = {p: clean_pairs(f"{name}-{p}", [r for r, _ in v], [[names[y]] for _, y in v], {name: [y for _, y in v]},
+                           draft=2 * args.image_size) for p, v in parts.items()}
+    return _classification_suite(name, names, templates, sets)
+
+
+def _classification_suite(name, classnames, templates, sets):
+    return EvalSuite(None, {name: LabelSet(classnames, templates, sets["test"], name)},
+                     {name: ProbeTask(name, classnames, "image", sets["train"], sets["val"], sets["test"])})
+
+
+class ArrayPairSet(PairSet):
+    """In-memory uint8 images (CIFAR); the caption is the class name."""
+
+    def __init__(self, name, arrays, targets, classnames, target):
+        super().__init__(name, list(range(len(targets))), [[classnames[y]] for y in targets], {target: list(targets)})
+        self.arrays = arrays
+
+    def _load(self, ref):
+        return Image.fromarray(self.arrays[ref])
+
+
+def cifar_suite(kind, root, args) -> EvalSuite:
+    """CIFAR-10/100 via torchvision (never downloads): probe-train 5000 / probe-val 1000 of train, test 10000."""
+    import torchvision
+    cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[kind]
+    try:
+        tr, te = cls(root, train=True, download=False), cls(root, train=False, download=False)
+    except RuntimeError as e:
+        raise FileNotFoundError(f"{kind} not found under {root!r} ({e}). Download it once with "
+                                f"torchvision.datasets.{cls.__name__}({root!r}, download=True).") from e
+    names = [c.replace("_", " ") for c in tr.classes]
+    idx = _subsample(list(range(len(tr))), 6000, seed=1)
+    parts = {"train": (tr, idx[:5000]), "val": (tr, idx[5000:]), "test": (te, list(range(len(te))))}
+    sets = {p: ArrayPairSet(f"{kind}-{p}", ds.data[ix], [ds.targets[i] for i in ix], names, kind)
+            for p, (ds, ix) in parts.items()}
+    return _classification_suite(kind, names, CLASSIFY_TEMPLATES, sets)
+
+
+def classify_suites(spec, args) -> EvalSuite:
+    """Parse --classify 'cifar10=DIR,folder=DIR' into one EvalSuite."""
+    suite = EvalSuite()
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        kind, _, root = item.partition("=")
+        if kind in ("cifar10", "cifar100"):
+            suite = suite.merge(cifar_suite(kind, root, args))
+        elif kind == "folder":
+            suite = suite.merge(folder_suite(root, args))
+        else:
+            raise ValueError(f"--classify item {item!r}: expected cifar10=DIR, cifar100=DIR or folder=DIR")
+    return suite
+
+
+def build_data(args) -> tuple:
+    """(training PairSet, EvalSuite) for the data flags in `args`."""
+    if args.data == "synthetic":
+        train, suite = synthetic_suite(args)
+    elif args.data in LOADERS:
+        splits = LOADERS[args.data](args)
+        train, suite = splits["train"], EvalSuite(splits.get("test"))
+    else:
+        raise ValueError(f"--data {args.data!r}: choose synthetic, karpathy, albef, wds or csv")
+    if args.classify:
+        suite = suite.merge(classify_suites(args.classify, args))
+    return train, suite
+
+
+def build_eval_suite(args) -> EvalSuite:
+    return build_data(args)[1]
+
+
+# ----------------------------------------------------------------------------------------------
+# 5. Tokenizers
+# ----------------------------------------------------------------------------------------------
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def _words(text: str) -> list:
+    """Lower-cased words and punctuation marks, the way BERT's basic tokenizer splits them."""
+    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+
+
+def word_tokenizer(words):
+    """A real `BertTokenizerFast` whose vocabulary is exactly `words` (one token per word)."""
+    from transformers import BertTokenizerFast
+    vocab = SPECIAL_TOKENS + [w for w in dict.fromkeys(words) if w not in SPECIAL_TOKENS]
+    with tempfile.TemporaryDirectory() as d:
+        path = os.path.join(d, "vocab.txt")
+        with open(path, "w") as f:
+            f.write("\n".join(vocab) + "\n")
+        return BertTokenizerFast.from_pretrained(d, do_lower_case=True)
+
+
+def caption_vocabulary(texts, min_count=2, max_size=30000) -> list:
+    """Words seen at least `min_count` times in `texts`, most frequent first (ties alphabetical)."""
+    counts = Counter(w for t in texts for w in _words(t))
+    punct = sorted({c for c in "".join(counts) if not c.isalnum()})
+    words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
+    return punct + words[:max_size]
+
+
+def build_tokenizer(args, train: PairSet | None = None):
+    """--tokenizer auto: the synthetic word list, or a vocabulary built from the training captions;
+    otherwise any Hugging Face model name or local folder (AutoTokenizer)."""
+    if args.tokenizer != "auto":
+        from transformers import AutoTokenizer
+        try:
+            return AutoTokenizer.from_pretrained(args.tokenizer)
+        except OSError as e:
+            raise OSError(f"tokenizer {args.tokenizer!r} could not be loaded ({e}). Pass a local folder "
+                          f"(save_pretrained output), download the model once with network access, or use "
+                          f"--tokenizer auto.") from e
+    if args.data == "synthetic":
+        return word_tokenizer(synth_vocabulary())
+    train = train if train is not None else build_data(args)[0]
+    return word_tokenizer(caption_vocabulary(train.texts))
+
+
+# ----------------------------------------------------------------------------------------------
+# 6. Augmentations
+# ----------------------------------------------------------------------------------------------
+MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.27577711)  # CLIP's
+
+
+def eval_transform(image_size: int):
+    from torchvision import transforms as T
+    return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def train_transform(image_size: int, strong: bool = False):
+    """Training views. No horizontal flip (captions say left/right), no hue jitter (they name colours).
+
+    strong=False: the main view (mild crop); strong=True: the second view for the intra-modal terms
+    (wider crop range, brightness/contrast/saturation jitter, occasional blur).
+    """
+    from torchvision import transforms as T
+    ops = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0) if strong else (0.8, 1.0), ratio=(0.85, 1.18))]
+    if strong:
+        ops += [T.RandomApply([T.ColorJitter(0.3, 0.3, 0.2, hue=0.0)], p=0.8),
+                T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.3)]
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+# EDA (Wei & Zou, 2019) with a small built-in synonym table instead of WordNet: each group is a
+# set of interchangeable words. Words that carry the benchmark's labels are absent on purpose
+# except where a true synonym exists, so augmentation never changes what a caption says.
+EDA_SYNONYMS = [["photo", "picture", "image"], ["small", "little"], ["large", "big"], ["tiny", "minute"],
+                ["object", "thing"], ["circle", "disc"], ["square", "box"], ["cross", "plus"],
+                ["bar", "rod"], ["crescent", "moon"], ["ring", "hoop"], ["red", "scarlet"], ["cyan", "turquoise"],
+                ["purple", "violet"], ["metal", "metallic"], ["man", "guy"], ["woman", "lady"],
+                ["child", "kid"], ["dog", "puppy"], ["running", "jogging"], ["street", "road"],
+                ["looking", "staring"], ["sitting", "seated"], ["standing", "upright"], ["shirt", "top"],
+                ["grass", "lawn"], ["ocean", "sea"], ["boy", "lad"], ["girl", "lass"], ["people", "persons"],
+                ["jumps", "leaps"], ["walking", "strolling"], ["near", "beside"]]
+_SYN = {w: [v for v in g if v != w] for g in EDA_SYNONYMS for w in g}
+EDA_PROTECTED = {"left", "right", "above", "below", "top", "bottom", "not", "no"}
+
+
+def eda(text: str, rng: random.Random, alpha: float = 0.1, n_ops: int = 1) -> str:
+    """Easy Data Augmentation: synonym replacement, random insertion, random swap, random deletion.
+
+    alpha is the fraction of words changed per operation (at least one); one operation is drawn per
+    call. Spatial words are never swapped or deleted (they carry the relation), and a caption is never
+    emptied.
+    """
+    words = text.split()
+    if len(words) < 2:
+        return text
+    for _ in range(n_ops):
+        op = rng.choice(["synonym", "insert", "swap", "delete"])
+        k = max(1, int(alpha * len(words)))
+        if op == "synonym":
+            cands = [i for i, w in enumerate(words) if w.strip(".,").lower() in _SYN]
+            for i in rng.sample(cands, min(k, len(cands))):
+                core = words[i].strip(".,")
+                words[i] = words[i].replace(core, rng.choice(_SYN[core.lower()]))
+        elif op == "insert":
+            cands = [w.strip(".,").lower() for w in words if w.strip(".,").lower() in _SYN]
+            for _ in range(min(k, len(cands))):
+                words.insert(rng.randrange(len(words) + 1), rng.choice(_SYN[rng.choice(cands)]))
+        elif op == "swap":
+            free = [i for i, w in enumerate(words) if w.strip(".,").lower() not in EDA_PROTECTED]
+            for _ in range(k if len(free) >= 2 else 0):
+                i, j = rng.sample(free, 2)
+                words[i], words[j] = words[j], words[i]
+        else:
+            keep = [w for w in words if w.strip(".,").lower() in EDA_PROTECTED or rng.random() > alpha]
+            words = keep if keep else [rng.choice(words)]
+    return " ".join(words)
+
+
+# ----------------------------------------------------------------------------------------------
+# 7. Training input pipeline
+# ----------------------------------------------------------------------------------------------
+class StepSampler(Sampler):
+    """An endless, deterministic stream of (image, caption, item seed) triples, from `start_step` on.
+
+    Epoch e visits every image once in the order of a permutation seeded by (seed, e), each with
+    one of its captions drawn from the same generator. Sample number s of the run (counted from
+    step 0) always gets item seed `seed * 1_000_003 + s`, so augmentations are reproducible too, and
+    a run resumed at step k sees exactly the batches an uninterrupted run sees from step k.
+    """
+
+    def __init__(self, pairs: PairSet, batch_size: int, seed: int, start_step: int = 0):
+        self.n_caps = [len(c) for c in pairs.captions]
+        self.batch_size, self.seed, self.start = batch_size, seed, start_step * batch_size
+
+    def epoch(self, e):
+        g = torch.Generator().manual_seed(self.seed * 7919 + e)
+        order = torch.randperm(len(self.n_caps), generator=g).tolist()
+        picks = torch.rand(len(order), generator=g).tolist()
+        return [(i, int(p * self.n_caps[i])) for i, p in zip(order, picks)]
+
+    def __iter__(self):
+        n = len(self.n_caps)
+        e, offset = divmod(self.start, n)
+        s = self.start
+        while True:
+            for img, cap in self.epoch(e)[offset:]:
+                yield img, cap, self.seed * 1_000_003 + s
+                s += 1
+            e, offset = e + 1, 0
+
+
+class TrainPairs(Dataset):
+    """Item (image, caption, seed) -> dict(image, image_aug, text, text_aug, index).
+
+    The item seed drives every random choice (crop, jitter, EDA), so the same stream gives the same
+    tensors in any worker. An image that fails to load mid-run (deleted, corrupted since the check)
+    is replaced by the next one and counted, never a crash.
+    """
+
+    def __init__(self, pairs: PairSet, image_size: int, second_view: bool = True, eda_alpha: float = 0.1):
+        self.pairs, self.second_view, self.eda_alpha = pairs, second_view, eda_alpha
+        self.t_main, self.t_aug = train_transform(image_size), train_transform(image_size, strong=True)
+        self.failures = 0
+
+    def __len__(self):
+        return len(self.pairs)
+
+    def __getitem__(self, item):
+        i, c, seed = item
+        for attempt in range(len(self.pairs)):
+            try:
+                img = self.pairs.load_image((i + attempt) % len(self.pairs))
+                break
+            except Exception as e:  # noqa: BLE001
+                self.failures += 1
+                print(f"[data] could not load image {(i + attempt) % len(self.pairs)} ({e}); using the next one "
+                      f"({self.failures} failures so far)", file=sys.stderr)
+        caption = self.pairs.captions[i][c]
+        rng = random.Random(seed)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = {"image": self.t_main(img), "text": caption, "index": i}
+            if self.second_view:
+                out["image_aug"] = self.t_aug(img)
+                out["text_aug"] = eda(caption, rng, self.eda_alpha)
+        return out
+
+
+class Collate:
+    """Stack images and tokenize captions (and their EDA views) into padded id / mask tensors."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def tokenize(self, texts):
+        t = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        return t["input_ids"], t["attention_mask"]
+
+    def __call__(self, items):
+        batch = {"image": torch.stack([x["image"] for x in items]), "index": torch.tensor([x["index"] for x in items])}
+        batch["input_ids"], batch["attention_mask"] = self.tokenize([x["text"] for x in items])
+        if "image_aug" in items[0]:
+            batch["image_aug"] = torch.stack([x["image_aug"] for x in items])
+            batch["input_ids_aug"], batch["attention_mask_aug"] = self.tokenize([x["text_aug"] for x in items])
+        return batch
+
+
+def train_loader(pairs, tokenizer, args, batch_size, seed, start_step=0, second_view=True):
+    """The DataLoader every trainer uses: endless, deterministic from (seed, start_step)."""
+    from torch.utils.data import DataLoader
+    return DataLoader(TrainPairs(pairs, args.image_size, second_view), batch_size=batch_size,
+                      sampler=StepSampler(pairs, batch_size, seed, start_step), collate_fn=Collate(tokenizer, args.max_len),
+                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
+                      persistent_workers=args.num_workers > 0, drop_last=True,
+                      prefetch_factor=4 if args.num_workers > 0 else None)
+
+
+# ----------------------------------------------------------------------------------------------
+# 8. Command line: export and benchmark the synthetic data
+# ----------------------------------------------------------------------------------------------
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Synthetic benchmark tools")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ex = sub.add_parser("export", help="write the synthetic benchmark in the Karpathy JSON layout")
+    ex.add_argument("--out", required=True)
+    ex.add_argument("--n-train", type=int, default=5000)
+    ex.add_argument("--image-size", type=int, default=64)
+    be = sub.add_parser("bench", help="images/s of the synthetic generator alone")
+    be.add_argument("--n", type=int, default=2000)
+    be.add_argument("--image-size", type=int, default=64)
+    a = p.parse_args(argv)
+    if a.cmd == "export":
+        export_karpathy(a.out, n_train=a.n_train, size=a.image_size)
+        print(f"wrote {a.out}/dataset_synthetic.json and {a.out}/images/")
+    else:
+        t0 = time.perf_counter()
+        ps = SynthPairSet("train", a.n, size=a.image_size)
+        t1 = time.perf_counter()
+        for i in range(a.n):
+            ps.load_image(i)
+        t2 = time.perf_counter()
+        print(f"captions+attributes: {a.n / (t1 - t0):,.0f} images/s; rendering at {a.image_size}px: "
+              f"{a.n / (t2 - t1):,.0f} images/s (one core)")
+
+
+if __name__ == "__main__":
+    main()

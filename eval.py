@@ -1,0 +1,473 @@
+"""Every metric, the comparison table and the plots, for any method script and any saved run.
+
+eval.py sees a model only through the shared contract (DESIGN.md §2.5):
+    model.encode_image(images (N,3,H,W))                     -> (N, d), L2-normalized
+    model.encode_text(input_ids, attention_mask (N,L))       -> (N, d), L2-normalized
+    optional  encode_image_indep / encode_text_indep (same signatures): sep.py's independent features z^i
+    optional  itm_score(images, input_ids, attention_mask)   -> (N,)  fusion models (ITM reranking: not yet here)
+
+Protocols
+- Retrieval, R@k in percent, named by direction: i2t (image query, caption candidates) and t2i.
+  With several captions per image, the rank of a query is the number of candidates scoring STRICTLY
+  higher than its best-scoring positive, and R@k counts the queries with rank < k. i2t: the positives
+  are all the image's captions (a hit if ANY of them is in the top k); t2i: the one positive is the
+  caption's own image. So a negative tied with the best positive does not push it down (ties go to the
+  query). rsum = the sum of the six recalls.
+- Zero-shot classification (CLIP's prompt ensemble): each template is filled with each class name,
+  the text features are L2-normalized, averaged over the templates and re-normalized, giving one
+  classifier row per class; logits are cosines. Reports top-1/3/5 and balanced accuracy (the mean
+  per-class recall over the classes present). Targets equal to -1 are ignored.
+- Linear probe: multinomial logistic regression on frozen features standardized with the training
+  mean/std, full-batch L-BFGS from zero weights (no randomness, so deterministic). Every weight decay
+  of the sweep is fitted on train and scored on val; the first one with the best val accuracy wins, the
+  probe is refit on train+val with it and its test accuracy reported. Text probes use each caption,
+  labelled with its image's label. Models with independent features are probed on z and on [z, z^i]
+  (feature names "z" and "z+zi").
+- Structure of the retrieval set's embeddings: modality gap = ||mean_i x_i - mean_k y_k|| (centroid
+  distance, Liang et al. 2022); alignment = mean over matched pairs ||x - y||^2 and uniformity =
+  log mean_{i!=j} exp(-2 ||u_i - u_j||^2) per modality (Wang & Isola 2020); matched cosine = mean <x, y>.
+
+CLI: `python eval.py RUN_DIR [RUN_DIR ...] [--plot] [--save] [--data karpathy --data-root DIR]`
+re-evaluates saved runs (data flags given override each run's saved ones) and prints one Markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import fnmatch
+import importlib
+import json
+import math
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+# ----------------------------------------------------------------------------------------------
+# Encoding (boilerplate)
+# ----------------------------------------------------------------------------------------------
+def pick_device(name: str = "auto") -> torch.device:
+    """'auto' = cuda > mps > cpu; any other name is passed to torch.device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def inference(model, device, precision="fp32"):
+    """model.eval() + no_grad (+ autocast unless fp32); restores the previous train/eval mode."""
+    was_training, dtype = model.training, PRECISIONS[precision]
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(torch.device(device).type, dtype=dtype, enabled=dtype is not None):
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _encode(model, method, batches, n_batches, device, precision, progress, desc):
+    """Concatenate model.<method>(*batch) over the batches: (N, d) float32 on the CPU."""
+    fn, out = getattr(model, method), []
+    with inference(model, device, precision):
+        for batch in tqdm(batches, total=n_batches, desc=desc, disable=not progress, leave=False):
+            out.append(fn(*(t.to(device, non_blocking=True) for t in batch)).float().cpu())
+    return torch.cat(out)
+
+
+def encode_images(model, pairset, transform, device, batch_size=256, precision="fp32", indep=False, progress=False):
+    """(N, d) features of every image of a PairSet (indep=True: encode_image_indep)."""
+    starts = range(0, len(pairset), batch_size)
+    batches = ((torch.stack([transform(pairset.load_image(i))
+                             for i in range(s, min(s + batch_size, len(pairset)))]),) for s in starts)
+    method = "encode_image_indep" if indep else "encode_image"
+    return _encode(model, method, batches, len(starts), device, precision, progress, f"encode {pairset.name}")
+
+
+def encode_texts(model, tokenizer, texts, device, max_len, batch_size=512, precision="fp32", indep=False,
+                 progress=False):
+    """(M, d) features of a list of strings (indep=True: encode_text_indep)."""
+    starts = range(0, len(texts), batch_size)
+
+    def batches():
+        for s in starts:
+            tok = tokenizer(texts[s:s + batch_size], padding=True, truncation=True, max_length=max_len,
+                            return_tensors="pt")
+            yield tok["input_ids"], tok["attention_mask"]
+    method = "encode_text_indep" if indep else "encode_text"
+    return _encode(model, method, batches(), len(starts), device, precision, progress, "encode texts")
+
+
+# ----------------------------------------------------------------------------------------------
+# Metrics
+# ----------------------------------------------------------------------------------------------
+def _ranks(queries, cands, q_group, c_group, chunk):
+    """Rank of each query = number of candidates scoring strictly above its best positive.
+
+    A candidate is positive for a query when their group ids are equal. queries (Q,d), cands (C,d),
+    q_group (Q,), c_group (C,) -> (Q,) long. Only a (chunk, C) block is held at a time.
+    """
+    ranks = []
+    for s in range(0, len(queries), chunk):
+        sim = queries[s:s + chunk] @ cands.T                                  # (c, C) cosine similarities
+        pos = q_group[s:s + chunk, None] == c_group[None, :]                  # (c, C) positives
+        best = sim.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)     # (c, 1) best positive score
+        ranks.append((sim > best).sum(1))                                     # (c,) strictly better ones
+    return torch.cat(ranks)
+
+
+def retrieval_metrics(img_feats, txt_feats, txt2img, ks=(1, 5, 10), chunk=1024) -> dict:
+    """i2t_R@k, t2i_R@k (percent) and rsum; img_feats (N,d), txt_feats (M,d), txt2img (M,) image of each caption."""
+    img_feats, txt_feats = img_feats.float(), txt_feats.float()
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long)                      # (M,)
+    img_ids = torch.arange(len(img_feats))                                     # (N,)
+    if torch.bincount(txt2img, minlength=len(img_feats)).min() == 0:
+        raise ValueError("retrieval_metrics: every image needs at least one caption")
+    ranks = {"i2t": _ranks(img_feats, txt_feats, img_ids, txt2img, chunk),
+             "t2i": _ranks(txt_feats, img_feats, txt2img, img_ids, chunk)}
+    out = {f"{d}_R@{k}": 100.0 * (r < k).float().mean().item() for d, r in ranks.items() for k in ks}
+    out["rsum"] = sum(out.values())
+    return out
+
+
+def topk_accuracy(logits, targets, ks=(1, 3, 5)) -> dict:
+    """{'top{k}': percent of rows whose target is among the k largest logits}; k is clipped to C."""
+    order = logits.topk(min(max(ks), logits.shape[1]), dim=1).indices         # (N, kmax)
+    hit = order == targets[:, None]                                            # (N, kmax)
+    return {f"top{k}": 100.0 * hit[:, :k].any(1).float().mean().item() for k in ks}
+
+
+def balanced_accuracy(pred, targets, n_classes) -> float:
+    """Mean per-class recall (percent) over the classes present in targets."""
+    correct = torch.bincount(targets[pred == targets], minlength=n_classes).float()   # (C,)
+    count = torch.bincount(targets, minlength=n_classes).float()                      # (C,)
+    present = count > 0
+    return 100.0 * (correct[present] / count[present]).mean().item()
+
+
+def zeroshot_classifier(model, tokenizer, classnames, templates, device, max_len, precision="fp32"):
+    """(C, d) prompt-ensemble classifier: w_c = normalize(mean_t normalize(f(template_t.format(c))))."""
+    prompts = [t.format(c) for c in classnames for t in templates]              # class-major, C*T
+    z = encode_texts(model, tokenizer, prompts, device, max_len, precision=precision)
+    z = F.normalize(z, dim=-1).view(len(classnames), len(templates), -1)     # (C, T, d)
+    return F.normalize(z.mean(1), dim=-1)                                      # (C, d)
+
+
+def zeroshot_metrics(img_feats, weights, targets) -> dict:
+    """top1/top3/top5, balanced_acc (percent) and n_classes of cosine logits img_feats (N,d) @ weights (C,d)^T."""
+    targets = torch.as_tensor(targets, dtype=torch.long)
+    keep = targets != -1
+    logits = img_feats[keep].float() @ weights.float().T                     # (N', C)
+    out = topk_accuracy(logits, targets[keep])
+    out["balanced_acc"] = balanced_accuracy(logits.argmax(1), targets[keep], len(weights))
+    out["n_classes"] = float(len(weights))
+    return out
+
+
+def fit_logreg(x, y, n_classes, wd, max_iter=100):
+    """Multinomial logistic regression, min_W,b CE(x_s W + b, y) + wd/2 ||W||^2 on x_s = (x - mean)/std.
+
+    x (N,d), y (N,). Full-batch L-BFGS from zeros; the bias is not decayed. Returns predict(x) -> (N,) labels.
+    """
+    mean, std = x.mean(0), x.std(0, correction=0).clamp_min(1e-6)               # (d,) training statistics
+    xs = (x - mean) / std                                                       # (N, d)
+    W = torch.zeros(x.shape[1], n_classes, device=x.device, requires_grad=True)  # (d, C)
+    b = torch.zeros(n_classes, device=x.device, requires_grad=True)             # (C,)
+    opt = torch.optim.LBFGS([W, b], lr=1.0, max_iter=max_iter, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(xs @ W + b, y) + 0.5 * wd * W.pow(2).sum()
+        loss.backward()
+        return loss
+    with torch.enable_grad():
+        opt.step(closure)
+    W, b = W.detach(), b.detach()
+    return lambda z: (((z - mean) / std) @ W + b).argmax(1)
+
+
+def _accuracy(pred, y) -> float:
+    return 100.0 * (pred == y).float().mean().item()
+
+
+def linear_probe(xtr, ytr, xva, yva, xte, yte, n_classes, wds=(0, 1e-4, 1e-3, 1e-2, 1e-1), max_iter=100,
+                 device="cpu") -> dict:
+    """{acc: test accuracy (percent), best_wd}: wd chosen by val accuracy, then refit on train+val."""
+    xtr, xva, xte = (x.float().to(device) for x in (xtr, xva, xte))
+    ytr, yva, yte = (torch.as_tensor(y, dtype=torch.long).to(device) for y in (ytr, yva, yte))
+    val = [_accuracy(fit_logreg(xtr, ytr, n_classes, wd, max_iter)(xva), yva) for wd in wds]
+    best = wds[val.index(max(val))]                                            # first best in sweep order
+    predict = fit_logreg(torch.cat([xtr, xva]), torch.cat([ytr, yva]), n_classes, best, max_iter)
+    return {"acc": _accuracy(predict(xte), yte), "best_wd": float(best)}
+
+
+def uniformity(u, max_points=2000) -> float:
+    """log mean_{i!=j} exp(-2 ||u_i - u_j||^2) of u (N,d), on a fixed random subset of <= max_points rows."""
+    if len(u) > max_points:
+        u = u[torch.randperm(len(u), generator=torch.Generator().manual_seed(0))[:max_points]]
+    sq = torch.pdist(u.float()).pow(2)            # (n(n-1)/2,) pairs i<j; the i!=j mean is the same by symmetry
+    return (torch.logsumexp(-2 * sq, 0) - math.log(len(sq))).item()
+
+
+def structure_metrics(img_feats, txt_feats, txt2img) -> dict:
+    """modality_gap, alignment, uniformity_image, uniformity_text, matched_cosine of (N,d) and (M,d) features."""
+    img_feats, txt_feats = img_feats.float(), txt_feats.float()
+    x = img_feats[torch.as_tensor(txt2img, dtype=torch.long)]               # (M, d) image of each caption
+    return {"modality_gap": (img_feats.mean(0) - txt_feats.mean(0)).norm().item(),  # ||mean x - mean y||
+            "alignment": (x - txt_feats).pow(2).sum(1).mean().item(),               # mean ||x_k - y_k||^2
+            "uniformity_image": uniformity(img_feats),
+            "uniformity_text": uniformity(txt_feats),
+            "matched_cosine": (x * txt_feats).sum(1).mean().item()}                 # mean <x_k, y_k>
+
+
+# ----------------------------------------------------------------------------------------------
+# One model on one suite
+# ----------------------------------------------------------------------------------------------
+def _prefixed(prefix, metrics) -> dict:
+    return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
+
+
+def _probe_data(task, pairset, feats):
+    """Features and labels of one probe split: images, or captions labelled by their image; drops -1."""
+    y = torch.as_tensor(pairset.labels[task.target], dtype=torch.long)        # (N,)
+    if task.modality == "text":
+        y = y[torch.as_tensor(pairset.txt2img, dtype=torch.long)]              # (M,) caption k gets its image's
+    keep = y != -1
+    return feats[keep], y[keep]
+
+
+def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp32", cache=None,
+             progress=False) -> dict:
+    """Flat {'retrieval/i2t_R@1': ..., 'zeroshot/<name>/top1': ..., 'probe/<name>/<z|z+zi>/acc': ...,
+    'structure/modality_gap': ...} of one model on one EvalSuite.
+
+    Each PairSet is encoded once per modality; `cache` (optional dict, filled in place) maps
+    (id(pairset), 'image' | 'text' | 'image_indep' | 'text_indep') -> (pairset, (n, d) features).
+    """
+    cache = {} if cache is None else cache
+
+    def feats(pairset, kind):
+        if (id(pairset), kind) not in cache:         # keeping pairset in the value keeps its id unique
+            indep = kind.endswith("_indep")
+            f = (encode_images(model, pairset, transform, device, precision=precision, indep=indep,
+                               progress=progress) if kind.startswith("image") else
+                 encode_texts(model, tokenizer, pairset.texts, device, max_len, precision=precision,
+                              indep=indep, progress=progress))
+            cache[id(pairset), kind] = (pairset, f)
+        return cache[id(pairset), kind][1]
+
+    out, ps = {}, suite.retrieval
+    if ps is not None:
+        out.update(_prefixed("retrieval", retrieval_metrics(feats(ps, "image"), feats(ps, "text"), ps.txt2img)))
+        out.update(_prefixed("structure", structure_metrics(feats(ps, "image"), feats(ps, "text"), ps.txt2img)))
+    for name, ls in suite.zeroshot.items():
+        w = zeroshot_classifier(model, tokenizer, ls.classnames, ls.templates, device, max_len, precision)
+        out.update(_prefixed(f"zeroshot/{name}", zeroshot_metrics(feats(ls.images, "image"), w,
+                                                                  ls.images.labels[ls.target])))
+    def probe_split(task, pairset, indep):
+        f = feats(pairset, task.modality)                                       # (n, d)
+        if indep:
+            f = torch.cat([f, feats(pairset, task.modality + "_indep")], 1)    # (n, 2d) = [z, z_i]
+        return _probe_data(task, pairset, f)
+
+    views = {"z": False}
+    if hasattr(model, "encode_image_indep") and hasattr(model, "encode_text_indep"):
+        views["z+zi"] = True
+    for name, task in suite.probes.items():
+        for view, indep in views.items():
+            (xtr, ytr), (xva, yva), (xte, yte) = (probe_split(task, p, indep) for p in (task.train, task.val, task.test))
+            out.update(_prefixed(f"probe/{name}/{view}",
+                                 linear_probe(xtr, ytr, xva, yva, xte, yte, len(task.classes), device=device)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# Comparison table
+# ----------------------------------------------------------------------------------------------
+DEFAULT_COLUMNS = ("retrieval/i2t_R@*", "retrieval/t2i_R@*", "retrieval/rsum", "zeroshot/*/top1", "probe/*/acc",
+                   "structure/modality_gap", "structure/alignment", "structure/uniformity_*",
+                   "structure/matched_cosine")
+
+
+def comparison_table(rows: dict, columns=None) -> str:
+    """Markdown table, one row per run {name: flat metrics dict}, 2 decimals, '-' where a run lacks a column.
+
+    columns: metric keys or fnmatch patterns, expanded in order over the numeric keys present
+    (default DEFAULT_COLUMNS: retrieval, zero-shot top-1, probe accuracy, structure).
+    """
+    present = list(dict.fromkeys(k for m in rows.values() for k, v in m.items()
+                                 if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    cols = list(dict.fromkeys(k for pat in (columns or DEFAULT_COLUMNS) for k in present
+                              if fnmatch.fnmatchcase(k, pat)))
+    heads = [k.split("/", 1)[1] if k.startswith(("retrieval/", "structure/")) else k for k in cols]
+    lines = ["| run | " + " | ".join(heads) + " |", "| --- |" + " ---: |" * len(cols)]
+    for name, m in rows.items():
+        cells = [f"{m[k]:.2f}" if k in m else "-" for k in cols]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Plots (matplotlib is optional)
+# ----------------------------------------------------------------------------------------------
+def _figure(nrows=1, ncols=1, size=(5.0, 4.5)):
+    """A matplotlib Figure (rendered by Agg on savefig, no pyplot state) and its (nrows, ncols) axes."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError as e:
+        raise ImportError("plotting needs matplotlib: pip install matplotlib") from e
+    fig = Figure(figsize=(size[0] * ncols, size[1] * nrows))
+    return fig, fig.subplots(nrows, ncols, squeeze=False)
+
+
+def _draw_embeddings(ax, img_feats, txt_feats, txt2img, title, max_pairs=500, n_lines=40):
+    """2-D PCA (fit on both modalities) of evenly spaced matched pairs, a few joined, centroids marked."""
+    txt2img = torch.as_tensor(txt2img, dtype=torch.long)
+    k = torch.linspace(0, len(txt2img) - 1, min(len(txt2img), max_pairs)).round().long().unique()  # captions
+    x, y = img_feats[txt2img[k]].float(), txt_feats[k].float()                # (P, d) matched pairs
+    both = torch.cat([x, y])                                                  # (2P, d)
+    mean = both.mean(0)
+    basis = torch.linalg.svd(both - mean, full_matrices=False).Vh[:2].T      # (d, 2) top principal axes
+    px, py = ((x - mean) @ basis).numpy(), ((y - mean) @ basis).numpy()      # (P, 2)
+    for a, b in zip(px[:n_lines], py[:n_lines]):
+        ax.plot([a[0], b[0]], [a[1], b[1]], color="grey", lw=0.5, alpha=0.6)
+    ax.scatter(px[:, 0], px[:, 1], s=6, c="C0", alpha=0.6, label="image")
+    ax.scatter(py[:, 0], py[:, 1], s=6, c="C1", alpha=0.6, label="text")
+    for feats, color, label in ((img_feats, "C0", "image centroid"), (txt_feats, "C1", "text centroid")):
+        c = ((feats.float().mean(0) - mean) @ basis).numpy()
+        ax.scatter([c[0]], [c[1]], s=180, marker="*", c=color, edgecolors="black", label=label)
+    ax.set(title=title, xlabel="PC 1", ylabel="PC 2")
+    ax.legend(fontsize=7, loc="best")
+
+
+def plot_embeddings(img_feats, txt_feats, txt2img, path, title=""):
+    """Write a PCA scatter of both modalities (see _draw_embeddings) to path (PNG)."""
+    plot_embeddings_grid({title: (img_feats, txt_feats, txt2img)}, path)
+
+
+def plot_embeddings_grid(panels: dict, path, ncols=3):
+    """Several runs side by side: panels {title: (img_feats, txt_feats, txt2img)} -> one PNG."""
+    ncols = min(ncols, len(panels))
+    fig, axes = _figure(math.ceil(len(panels) / ncols), ncols)
+    for ax, (title, (img, txt, t2i)) in zip(axes.flat, panels.items()):
+        _draw_embeddings(ax, img, txt, t2i, title)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    fig.tight_layout()
+    fig.savefig(path, dpi=150)
+
+
+def plot_curves(log_jsonl_path, path):
+    """Every numeric loss* key of a run's log.jsonl against step, one subplot per key, to path (PNG)."""
+    with open(log_jsonl_path) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
+    keys = sorted({k for r in records for k, v in r.items() if k.startswith("loss") and is_num(v)})
+    if not keys:
+        raise ValueError(f"{log_jsonl_path}: no numeric 'loss*' keys to plot")
+    fig, axes = _figure(len(keys), 1, size=(6.0, 2.0))
+    for ax, key in zip(axes[:, 0], keys):
+        pts = [(r["step"], r[key]) for r in records if "step" in r and is_num(r.get(key))]
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
+        ax.set_ylabel(key, fontsize=8)
+    axes[-1, 0].set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saved runs and the command line
+# ----------------------------------------------------------------------------------------------
+def load_run(run_dir, device):
+    """(model, tokenizer, args, module) rebuilt from RUN_DIR/checkpoint.pt by the script that wrote it.
+
+    The tokenizer is RUN_DIR/tokenizer/ when the run saved one, else data.build_tokenizer(saved args).
+    """
+    import data  # here, not at the top: the metrics above need no dataset code
+    path = Path(run_dir) / "checkpoint.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected RUN_DIR/checkpoint.pt as written by a "
+                                f"method script (e.g. python clip_base.py)")
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    here = str(Path(__file__).resolve().parent)
+    if here not in sys.path:
+        sys.path.insert(0, here)
+    try:
+        module = importlib.import_module(ckpt["script"])
+    except ModuleNotFoundError as e:
+        if e.name != ckpt["script"]:
+            raise
+        raise ModuleNotFoundError(f"{path} was written by {ckpt['script']}.py, expected next to eval.py in "
+                                  f"{here}") from e
+    args = module.Args(**ckpt["args"])
+    if (Path(run_dir) / "tokenizer").is_dir():   # the exact tokenizer of training, saved by the script
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(Path(run_dir) / "tokenizer")
+    else:
+        tokenizer = data.build_tokenizer(args)
+    model = module.build_model(args, tokenizer)
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), tokenizer, args, module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    import data
+    p = argparse.ArgumentParser(description="Re-evaluate saved runs and print one comparison table.")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders holding checkpoint.pt")
+    p.add_argument("--device", default="auto", help="auto = cuda > mps > cpu, or a torch device name")
+    p.add_argument("--precision", default="fp32", choices=list(PRECISIONS), help="autocast precision")
+    p.add_argument("--zeroshot-folder", default="", help="an ImageFolder (DIR/<class>/<images>) added as a "
+                                                        "zero-shot + linear-probe task")
+    p.add_argument("--plot", action="store_true", help="write RUN_DIR/embeddings.png and RUN_DIR/curves.png")
+    p.add_argument("--save", action="store_true", help="write RUN_DIR/metrics_eval.json")
+    group = p.add_argument_group("data flags", "override the run's saved value only when given")
+    data.add_dataclass_args(group, data.DataArgs, defaults=False)
+    return p
+
+
+def evaluate_run(run_dir, opts, overrides, device) -> dict:
+    """Re-evaluate one run (data flags in `overrides` replace its saved ones); save / plot as asked."""
+    import data
+    model, tokenizer, args, _ = load_run(run_dir, device)
+    unknown = set(overrides) - {f.name for f in dataclasses.fields(args)}
+    if unknown:
+        raise ValueError(f"{run_dir}: the run's Args have no field(s) {sorted(unknown)}")
+    args = dataclasses.replace(args, **overrides)
+    suites = [data.build_eval_suite(args)] + ([data.folder_suite(opts.zeroshot_folder, args)]
+                                              if opts.zeroshot_folder else [])
+    transform, cache, metrics = data.eval_transform(args.image_size), {}, {}
+    for suite in suites:
+        metrics.update(evaluate(model, tokenizer, suite, transform, device, args.max_len, opts.precision,
+                                cache=cache, progress=True))
+    run_dir = Path(run_dir)
+    if opts.save:
+        (run_dir / "metrics_eval.json").write_text(json.dumps(metrics, indent=2))
+    if opts.plot and suites[0].retrieval is not None:
+        ps = suites[0].retrieval
+        plot_embeddings(cache[id(ps), "image"][1], cache[id(ps), "text"][1], ps.txt2img,
+                        run_dir / "embeddings.png", run_dir.name)
+    if opts.plot and (run_dir / "log.jsonl").is_file():
+        plot_curves(run_dir / "log.jsonl", run_dir / "curves.png")
+    return metrics
+
+
+def main(argv=None):
+    import data
+    opts = build_parser().parse_args(argv)
+    overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(data.DataArgs) if hasattr(opts, f.name)}
+    device = pick_device(opts.device)
+    rows = {Path(r).resolve().name: evaluate_run(r, opts, overrides, device) for r in opts.runs}
+    print(comparison_table(rows))
+
+
+if __name__ == "__main__":
+    main()
