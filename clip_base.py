@@ -58,7 +58,7 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """path of a checkpoint.pt to continue exactly where it stopped"""
     stop_at: int = 0
     """stop at this step with a checkpoint, as a preempted job would (0 = run to the end)"""
-    steps: int = 600
+    steps: int = 450
     """optimizer steps"""
     epochs: float = 0.0
     """if > 0: train for this many passes over the training images instead of --steps"""
@@ -275,7 +275,9 @@ def main(argv=None):
     torch.backends.cudnn.deterministic = args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = ev.pick_device(args.device)
-    amp_dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    if args.precision not in ev.PRECISIONS:
+        raise ValueError(f"--precision {args.precision!r}: choose one of {', '.join(ev.PRECISIONS)}")
+    amp_dtype = ev.PRECISIONS[args.precision]
 
     # ---- data, tokenizer, model
     train_set, suite = data.build_data(args)

@@ -67,7 +67,7 @@ class DataArgs:
     """use a deterministic subset of this many training images (0 = all)"""
     max_eval: int = 0
     """evaluate retrieval on at most this many test images (0 = all)"""
-    image_size: int = 64
+    image_size: int = 32
     """input resolution in pixels (the synthetic images are drawn at this size)"""
     max_len: int = 32
     """maximum caption length in tokens"""
@@ -239,11 +239,11 @@ SYNTH_SHAPES = {"circle": ["circle", "disc"], "square": ["square", "box"], "tria
 # SYNTH_HUE_JITTER degrees of spread, so neighbouring names overlap a little, as in real captions
 SYNTH_COLOURS = {"red": (0, 0.85), "orange": (28, 0.9), "yellow": (55, 0.85), "green": (120, 0.75),
                  "cyan": (182, 0.8), "blue": (228, 0.8), "purple": (275, 0.7), "pink": (322, 0.45)}
-SYNTH_HUE_JITTER = 10.0
+SYNTH_HUE_JITTER = 12.0
 SYNTH_COLOUR_WORDS = {"red": ["red", "scarlet"], "orange": ["orange"], "yellow": ["yellow"],
                       "green": ["green"], "cyan": ["cyan", "turquoise"], "blue": ["blue"],
                       "purple": ["purple", "violet"], "pink": ["pink"]}
-SYNTH_SIZES = {"small": (0.15, ["small", "little"]), "large": (0.25, ["large", "big"])}
+SYNTH_SIZES = {"small": (0.17, ["small", "little"]), "large": (0.27, ["large", "big"])}
 SYNTH_SECOND_SIZE = 0.09          # the second object is always tiny, so the main one is the larger
 SYNTH_TEXTURES = ["plain", "stripes", "dots", "checker"]
 SYNTH_MATERIALS = {"wooden": ["wooden"], "metal": ["metal", "metallic"], "plastic": ["plastic"],
@@ -419,6 +419,12 @@ class SynthPairSet(PairSet):
     def load_image(self, i):
         split, index = self.refs[i]
         return synth_render(self.attrs[i], self.size, self.seed, split, index, self.texture_contrast)
+
+    def subset(self, indices):
+        idx = list(indices)
+        new = super().subset(idx)
+        new.attrs = [self.attrs[i] for i in idx]
+        return new
 
 
 def synth_vocabulary() -> list:
@@ -1000,7 +1006,7 @@ class TrainPairs(Dataset):
         caption = self.pairs.captions[i][c]
         rng = random.Random(seed)
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+            torch.default_generator.manual_seed(seed)  # CPU generator only (torch.manual_seed also seeds CUDA, slowly)
             out = {"image": self.t_main(img), "text": caption, "index": i}
             if self.second_view:
                 out["image_aug"] = self.t_aug(img)
@@ -1034,6 +1040,7 @@ def train_loader(pairs, tokenizer, args, batch_size, seed, start_step=0, second_
                       sampler=StepSampler(pairs, batch_size, seed, start_step), collate_fn=Collate(tokenizer, args.max_len),
                       num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
                       persistent_workers=args.num_workers > 0, drop_last=True,
+                      generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
                       prefetch_factor=4 if args.num_workers > 0 else None)
 
 
@@ -1049,7 +1056,7 @@ def main(argv=None):
     ex.add_argument("--image-size", type=int, default=64)
     be = sub.add_parser("bench", help="images/s of the synthetic generator alone")
     be.add_argument("--n", type=int, default=2000)
-    be.add_argument("--image-size", type=int, default=64)
+    be.add_argument("--image-size", type=int, default=DataArgs.image_size)
     a = p.parse_args(argv)
     if a.cmd == "export":
         export_karpathy(a.out, n_train=a.n_train, size=a.image_size)

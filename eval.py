@@ -49,9 +49,7 @@ from tqdm.auto import tqdm
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-# ----------------------------------------------------------------------------------------------
-# Encoding (boilerplate)
-# ----------------------------------------------------------------------------------------------
+# ========== Encoding (boilerplate) ================================================================
 def pick_device(name: str = "auto") -> torch.device:
     """'auto' = cuda > mps > cpu; any other name is passed to torch.device."""
     if name != "auto":
@@ -107,9 +105,7 @@ def encode_texts(model, tokenizer, texts, device, max_len, batch_size=512, preci
     return _encode(model, method, batches(), len(starts), device, precision, progress, "encode texts")
 
 
-# ----------------------------------------------------------------------------------------------
-# Metrics
-# ----------------------------------------------------------------------------------------------
+# ========== Metrics ===============================================================================
 def _ranks(queries, cands, q_group, c_group, chunk):
     """Rank of each query = number of candidates scoring strictly above its best positive.
 
@@ -229,9 +225,7 @@ def structure_metrics(img_feats, txt_feats, txt2img) -> dict:
             "matched_cosine": (x * txt_feats).sum(1).mean().item()}                 # mean <x_k, y_k>
 
 
-# ----------------------------------------------------------------------------------------------
-# One model on one suite
-# ----------------------------------------------------------------------------------------------
+# ========== One model on one suite ================================================================
 def _prefixed(prefix, metrics) -> dict:
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
 
@@ -265,6 +259,12 @@ def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp3
             cache[id(pairset), kind] = (pairset, f)
         return cache[id(pairset), kind][1]
 
+    def probe_split(task, pairset, indep):                                    # features and labels
+        f = feats(pairset, task.modality)                                       # (n, d)
+        if indep:
+            f = torch.cat([f, feats(pairset, task.modality + "_indep")], 1)    # (n, 2d) = [z, z_i]
+        return _probe_data(task, pairset, f)
+
     out, ps = {}, suite.retrieval
     if ps is not None:
         out.update(_prefixed("retrieval", retrieval_metrics(feats(ps, "image"), feats(ps, "text"), ps.txt2img)))
@@ -273,26 +273,15 @@ def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp3
         w = zeroshot_classifier(model, tokenizer, ls.classnames, ls.templates, device, max_len, precision)
         out.update(_prefixed(f"zeroshot/{name}", zeroshot_metrics(feats(ls.images, "image"), w,
                                                                   ls.images.labels[ls.target])))
-    def probe_split(task, pairset, indep):
-        f = feats(pairset, task.modality)                                       # (n, d)
-        if indep:
-            f = torch.cat([f, feats(pairset, task.modality + "_indep")], 1)    # (n, 2d) = [z, z_i]
-        return _probe_data(task, pairset, f)
-
-    views = {"z": False}
-    if hasattr(model, "encode_image_indep") and hasattr(model, "encode_text_indep"):
-        views["z+zi"] = True
+    views = {"z": False, "z+zi": True} if hasattr(model, "encode_image_indep") else {"z": False}
     for name, task in suite.probes.items():
         for view, indep in views.items():
-            (xtr, ytr), (xva, yva), (xte, yte) = (probe_split(task, p, indep) for p in (task.train, task.val, task.test))
-            out.update(_prefixed(f"probe/{name}/{view}",
-                                 linear_probe(xtr, ytr, xva, yva, xte, yte, len(task.classes), device=device)))
+            splits = [t for p in (task.train, task.val, task.test) for t in probe_split(task, p, indep)]
+            out.update(_prefixed(f"probe/{name}/{view}", linear_probe(*splits, len(task.classes), device=device)))
     return out
 
 
-# ----------------------------------------------------------------------------------------------
-# Comparison table
-# ----------------------------------------------------------------------------------------------
+# ========== Comparison table ======================================================================
 DEFAULT_COLUMNS = ("retrieval/i2t_R@*", "retrieval/t2i_R@*", "retrieval/rsum", "zeroshot/*/top1", "probe/*/acc",
                    "structure/modality_gap", "structure/alignment", "structure/uniformity_*",
                    "structure/matched_cosine")
@@ -316,9 +305,7 @@ def comparison_table(rows: dict, columns=None) -> str:
     return "\n".join(lines)
 
 
-# ----------------------------------------------------------------------------------------------
-# Plots (matplotlib is optional)
-# ----------------------------------------------------------------------------------------------
+# ========== Plots (matplotlib is optional) ========================================================
 def _figure(nrows=1, ncols=1, size=(5.0, 4.5)):
     """A matplotlib Figure (rendered by Agg on savefig, no pyplot state) and its (nrows, ncols) axes."""
     try:
@@ -384,9 +371,7 @@ def plot_curves(log_jsonl_path, path):
     fig.savefig(path, dpi=120)
 
 
-# ----------------------------------------------------------------------------------------------
-# Saved runs and the command line
-# ----------------------------------------------------------------------------------------------
+# ========== Saved runs and the command line =======================================================
 def load_run(run_dir, device):
     """(model, tokenizer, args, module) rebuilt from RUN_DIR/checkpoint.pt by the script that wrote it.
 
@@ -465,7 +450,10 @@ def main(argv=None):
     opts = build_parser().parse_args(argv)
     overrides = {f.name: getattr(opts, f.name) for f in dataclasses.fields(data.DataArgs) if hasattr(opts, f.name)}
     device = pick_device(opts.device)
-    rows = {Path(r).resolve().name: evaluate_run(r, opts, overrides, device) for r in opts.runs}
+    rows = {}
+    for r in opts.runs:   # row name = folder name, or the path as given when two folders share a name
+        name = Path(r).resolve().name
+        rows[name if name not in rows else str(r)] = evaluate_run(r, opts, overrides, device)
     print(comparison_table(rows))
 
 

@@ -120,6 +120,17 @@ def test_resume_is_exact(tmp_path):
     assert all(loss_a[s] == loss_b[s] for s in (2, 4, 6))
 
 
+def test_bf16_autocast_on_cpu_gives_finite_losses(tmp_path):
+    run = clip_base.main(tiny_args(tmp_path, "--precision", "bf16", "--steps", 2))
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    assert rows and all(math.isfinite(r["loss"]) and r["loss"] > 0 for r in rows)
+
+
+def test_unknown_precision_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="fp32, bf16, fp16"):
+        clip_base.main(tiny_args(tmp_path, "--precision", "fp8"))
+
+
 def test_resume_rejects_another_scripts_checkpoint(tmp_path):
     path = tmp_path / "checkpoint.pt"
     torch.save({"script": "sep", "args": {}, "step": 1}, path)

@@ -436,6 +436,16 @@ def test_load_run_restores_weights(fake_project):
     assert torch.equal(model.pi, ToyModel(seed=0).pi)       # build_model used seed 1: weights came from the file
 
 
+def test_load_run_prefers_the_saved_tokenizer(fake_project):
+    transformers = pytest.importorskip("transformers")
+    run, _ = fake_project
+    (run / "vocab").mkdir()
+    (run / "vocab" / "vocab.txt").write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "zebra"]))
+    transformers.BertTokenizerFast.from_pretrained(run / "vocab").save_pretrained(run / "tokenizer")
+    _, tok, _, _ = ev.load_run(run, "cpu")
+    assert tok(["zebra"])["input_ids"] == [[2, 5, 3]]
+
+
 def test_load_run_clear_errors(fake_project, tmp_path):
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         ev.load_run(tmp_path / "nowhere", "cpu")
