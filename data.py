@@ -113,7 +113,7 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=True) -> a
     for f in dataclasses.fields(cls):
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         kw = dict(default=default if defaults else argparse.SUPPRESS,
-                  help=f"{docs.get(f.name, '')} (default: {default!r})")
+                  help=f"{docs.get(f.name, '')} (default: {default!r})".replace("%", "%%"))
         flag = "--" + f.name.replace("_", "-")
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kw)
@@ -606,9 +606,12 @@ def load_karpathy(args):
     with open(path) as f:
         images = json.load(f)["images"]
     splits = {"train": [], "val": [], "test": []}
+    # dataset_flickr30k.json / dataset_flickr8k.json name no folder: find the one that holds the images
+    default_dir = next((d for d in ("", "flickr30k-images", "Flicker8k_Dataset", "Flickr8k_Dataset", "images")
+                        if images and os.path.exists(os.path.join(args.data_root, d, images[0]["filename"]))), "")
     for im in images:
         split = "train" if im["split"] == "restval" else im["split"]
-        rel = os.path.join(im.get("filepath", ""), im["filename"])
+        rel = os.path.join(im.get("filepath", default_dir), im["filename"])
         splits[split].append((os.path.join(args.data_root, rel), [s["raw"] for s in im["sentences"]]))
     splits["train"] = _subsample(splits["train"], args.max_samples)
     splits["test"] = splits["test"][:args.max_eval] if args.max_eval else splits["test"]
@@ -904,7 +907,7 @@ EDA_SYNONYMS = [["photo", "picture", "image"], ["small", "little"], ["large", "b
                 ["bar", "rod"], ["crescent", "moon"], ["ring", "hoop"], ["red", "scarlet"], ["cyan", "turquoise"],
                 ["purple", "violet"], ["metal", "metallic"], ["man", "guy"], ["woman", "lady"],
                 ["child", "kid"], ["dog", "puppy"], ["running", "jogging"], ["street", "road"],
-                ["looking", "staring"], ["sitting", "seated"], ["standing", "upright"], ["shirt", "top"],
+                ["looking", "staring"], ["sitting", "seated"], ["standing", "upright"], ["shirt", "tee"],
                 ["grass", "lawn"], ["ocean", "sea"], ["boy", "lad"], ["girl", "lass"], ["people", "persons"],
                 ["jumps", "leaps"], ["walking", "strolling"], ["near", "beside"]]
 _SYN = {w: [v for v in g if v != w] for g in EDA_SYNONYMS for w in g}
@@ -925,7 +928,8 @@ def eda(text: str, rng: random.Random, alpha: float = 0.1, n_ops: int = 1) -> st
         op = rng.choice(["synonym", "insert", "swap", "delete"])
         k = max(1, int(alpha * len(words)))
         if op == "synonym":
-            cands = [i for i, w in enumerate(words) if w.strip(".,").lower() in _SYN]
+            cands = [i for i, w in enumerate(words) if w.strip(".,").lower() in _SYN
+                     and w.strip(".,").lower() not in EDA_PROTECTED]
             for i in rng.sample(cands, min(k, len(cands))):
                 core = words[i].strip(".,")
                 words[i] = words[i].replace(core, rng.choice(_SYN[core.lower()]))
@@ -996,18 +1000,21 @@ class TrainPairs(Dataset):
     def __getitem__(self, item):
         i, c, seed = item
         for attempt in range(len(self.pairs)):
+            j = (i + attempt) % len(self.pairs)
             try:
-                img = self.pairs.load_image((i + attempt) % len(self.pairs))
+                img = self.pairs.load_image(j)
                 break
             except Exception as e:  # noqa: BLE001
                 self.failures += 1
-                print(f"[data] could not load image {(i + attempt) % len(self.pairs)} ({e}); using the next one "
-                      f"({self.failures} failures so far)", file=sys.stderr)
-        caption = self.pairs.captions[i][c]
+                print(f"[data] could not load image {j} ({e}); using the next one ({self.failures} failures "
+                      f"so far)", file=sys.stderr)
+        else:
+            raise RuntimeError(f"no image of {self.pairs.name} can be loaded")
+        caption = self.pairs.captions[j][c % len(self.pairs.captions[j])]  # the substitute's own caption
         rng = random.Random(seed)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU generator only (torch.manual_seed also seeds CUDA, slowly)
-            out = {"image": self.t_main(img), "text": caption, "index": i}
+            out = {"image": self.t_main(img), "text": caption, "index": j}
             if self.second_view:
                 out["image_aug"] = self.t_aug(img)
                 out["text_aug"] = eda(caption, rng, self.eda_alpha)

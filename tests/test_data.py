@@ -627,7 +627,7 @@ def test_synth_captions(synth_test):
     labels = synth_test.labels
     assert set(labels) == {"shape", "colour", "object", "texture", "material", "heldout"}
     assert labels["heldout"] == [int(a["heldout"]) for a in synth_test.attrs]
-    assert labels["object"][0] == labels["colour"][0] * 8 + labels["shape"][0]
+    assert labels["object"][0] == labels["colour"][0] * len(data._SHAPE_NAMES) + labels["shape"][0]
 
 
 def test_synth_vocabulary_covers_every_caption(synth_test):
@@ -790,7 +790,7 @@ class Flags:
 @dataclasses.dataclass
 class MoreFlags(Flags):
     extra_steps: int = 5
-    """steps added after training"""
+    """steps added after training (5% of them warm-up)"""
 
 
 def _help(cls, capsys):
@@ -894,6 +894,20 @@ def test_train_pairs_survives_a_vanished_image(tmp_path, capsys):
     item = tp[(1, 0, 7)]
     assert item["image"].shape == (3, 32, 32) and tp.failures == 1
     assert "could not load image 1" in capsys.readouterr().err
+    # the substitute keeps its own caption and index, so the positive pair stays a real pair
+    assert item["index"] == 2 and item["text"] == "c"
+
+
+def test_karpathy_without_filepath_finds_the_image_folder(tmp_path):
+    """dataset_flickr30k.json names no folder; the images sit in DIR/flickr30k-images/."""
+    images = []
+    for i, split in enumerate(["train", "train", "test"]):
+        write_jpeg(tmp_path / "flickr30k-images" / f"{i}.jpg", PALETTE[i])
+        images.append({"filename": f"{i}.jpg", "split": split, "sentences": [{"raw": f"caption {i}"}]})
+    (tmp_path / "dataset_flickr30k.json").write_text(json.dumps({"images": images}))
+    out = data.load_karpathy(dargs(data="karpathy", data_root=str(tmp_path)))
+    assert len(out["train"]) == 2 and len(out["test"]) == 1 and not getattr(out["train"], "report", {})
+    assert out["test"].refs == [str(tmp_path / "flickr30k-images" / "2.jpg")]
 
 
 def test_train_loader_batches(synth_small, synth_tok):
