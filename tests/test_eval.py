@@ -1,6 +1,6 @@
 """Tests of eval.py: every metric against an independent reference (loops, hand-computed values).
 
-Offline and fast: toy models, fake PairSets built here (no dependency on data.py's datasets).
+Offline and fast: toy models and small PairSets of random pixels built here (none of data.py's datasets).
 """
 import dataclasses
 import itertools
@@ -20,45 +20,24 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import eval as ev  # noqa: E402
+from data import PairSet  # noqa: E402
 
 
 # ----------------------------------------------------------------------------------------------
 # Fakes: PairSet, tokenizer, transform, a toy two-tower model honouring the encode_* contract
 # ----------------------------------------------------------------------------------------------
-class FakePairSet:
-    """Duck-typed PairSet: random 8x8 images, captions 'w<i> w<label>', integer labels."""
+class FakePairSet(PairSet):
+    """A real data.PairSet over random 8x8 images, captions 'w<i> c<j> l<label>...', integer labels."""
 
     def __init__(self, name, n_captions, labels, seed=0, size=8):
         g = torch.Generator().manual_seed(seed)
-        self.name, self.labels = name, {k: list(v) for k, v in labels.items()}
         self.pixels = torch.randint(0, 256, (len(n_captions), size, size, 3), generator=g, dtype=torch.uint8)
-        self.captions = [[f"w{i} c{j} " + " ".join(f"l{v[i]}" for v in labels.values()) for j in range(c)]
-                         for i, c in enumerate(n_captions)]
+        captions = [[f"w{i} c{j} " + " ".join(f"l{v[i]}" for v in labels.values()) for j in range(c)]
+                    for i, c in enumerate(n_captions)]
+        super().__init__(name, range(len(n_captions)), captions, labels)
 
-    def __len__(self):
-        return len(self.captions)
-
-    def load_image(self, i):
-        return Image.fromarray(self.pixels[i].numpy(), "RGB")
-
-    @property
-    def texts(self):
-        return [c for caps in self.captions for c in caps]
-
-    @property
-    def txt2img(self):
-        return [i for i, caps in enumerate(self.captions) for _ in caps]
-
-    @property
-    def img2txt(self):
-        return [[k for k, i in enumerate(self.txt2img) if i == j] for j in range(len(self))]
-
-    def subset(self, indices):
-        new = object.__new__(FakePairSet)
-        new.name, idx = self.name, list(indices)
-        new.pixels, new.captions = self.pixels[idx], [self.captions[i] for i in idx]
-        new.labels = {k: [v[i] for i in idx] for k, v in self.labels.items()}
-        return new
+    def _load(self, ref):
+        return Image.fromarray(self.pixels[ref].numpy(), "RGB")
 
 
 class ToyTokenizer:
