@@ -1,4 +1,4 @@
-"""clip_base.py: two-tower CLIP with intra-modal contrastive terms (the L_con baseline).
+"""bridge.py: two-tower CLIP with intra-modal contrastive terms (L_con) + a Brownian-bridge regularizer (L_Br).
 
 Method (Jiang et al., CVPR 2023, "basic contrastive framework"; seed 000). A batch holds N image-text
 pairs; z_V, z_T are the L2-normalized projections of the image and text encoders and z_V^a, z_T^a
@@ -14,8 +14,23 @@ Reading of the slide: its L_V2V denominator sums over z_Vk of the *same* view, w
 trivial pair ⟨z_Vj, z_Vj⟩ = 1; we contrast z_Vj against the other view's z_Vk^a instead (SimCLR-style),
 which is what the numerator ⟨z_Vj, z_Vj^a⟩ implies. `--plain-clip` keeps only ½(L_V2T + L_T2V).
 
-Run it:  python clip_base.py                      (synthetic benchmark, CPU, about 3 minutes)
-         python clip_base.py --data karpathy --data-root DIR --vision resnet50 --pretrained-vision \
+Brownian bridge (inter-modality regularization, seed 000). The augmented image feature z_V^a should stay on
+a path from z_V to z_T: a Brownian bridge p(z_V^a | z_V, z_T) = N(z_V^a; μ(z_V, z_T, t), t(1−t) I) whose mean,
+projected on the sphere, is
+
+    μ(z_V, z_T, t) = (t z_V + (1−t) z_T) / ‖t z_V + (1−t) z_T‖     t = 0.25 (the paper's), or t ~ U(0, 1) per pair
+    L_Br = 1/N Σ_j ‖z_Vj^a − μ_j‖²                                   L = L_con + w·L_Br    (w = --bridge-weight)
+
+t weights z_V, so t = 0.25 puts μ a quarter of the way from z_T towards z_V (nearer the text).
+Reading of the slides: for unit vectors the squared distance has the closed form
+    ‖z_V^a − μ‖² = 2 − 2 (t⟨z_V^a, z_V⟩ + (1−t)⟨z_V^a, z_T⟩) / sqrt(t² + (1−t)² + 2t(1−t)⟨z_V, z_T⟩).
+The slide's expanded second line drops the sqrt and the "2 − 2(·)": what it prints grows with the cosine
+⟨z_V^a, μ⟩, so minimizing it as printed would push z_V^a *away* from the bridge. We implement the squared
+distance of its first line (tests check it against the closed form). The gradient reaches z_V^a, z_V and
+z_T (the slides show no stop-gradient). The method needs the augmented views, so `--plain-clip` is refused.
+
+Run it:  python bridge.py                         (synthetic benchmark, CPU, about 3 minutes)
+         python bridge.py --data karpathy --data-root DIR --vision resnet50 --pretrained-vision \
              --text-model bert-base-uncased --tokenizer bert-base-uncased --image-size 224 --precision bf16
 Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
 """
@@ -40,7 +55,7 @@ import eval as ev
 # ============================== flags ========================================================
 @dataclass
 class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size, ...) live in data.py
-    exp_name: str = "clip_base"
+    exp_name: str = "bridge"
     """name of the run (first part of the output folder)"""
     seed: int = 1
     """seed of the model initialization and the batch order"""
@@ -90,6 +105,12 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """dimension of the shared embedding z"""
     plain_clip: bool = False
     """drop the intra-modal terms: L = ½(L_V2T + L_T2V), plain CLIP"""
+    bridge_weight: float = 1.0
+    """w in L = L_con + w·L_Br (1: the slides give no weight; L_Br lies in [0, 4], the scale of L_con's terms)"""
+    bridge_t: float = 0.25
+    """t of the bridge mean μ = norm(t z_V + (1−t) z_T) (0.25: the paper's fixed choice)"""
+    bridge_random_t: bool = False
+    """draw t ~ U(0, 1) for each pair at each step instead of the fixed --bridge-t"""
 
 
 # ============================== model (boilerplate encoders) =================================
@@ -182,8 +203,9 @@ def build_model(args, tokenizer):
 # ============================== losses (the method) ==========================================
 def nce(a, b, logit_scale):
     """InfoNCE of a against b: row j's positive is b_j, its negatives the other b_k of the batch."""
-    # s_jk = ⟨a_j, b_k⟩ / τ                                              (N, N), in fp32
-    logits = logit_scale.exp().float() * (a.float() @ b.float().t())
+    with torch.autocast(a.device.type, enabled=False):  # fp32 logits, also under bf16/fp16 autocast
+        # s_jk = ⟨a_j, b_k⟩ / τ                                          (N, N)
+        logits = logit_scale.exp().float() * (a.float() @ b.float().t())
     # NCE(a, b) = −1/N Σ_j log( exp(s_jj) / Σ_k exp(s_jk) )
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
@@ -199,6 +221,18 @@ def loss_con(f, f_a, logit_scale, plain_clip=False):
     return terms
 
 
+def loss_bridge(zv_a, zv, zt, t):
+    """L_Br: pull the augmented image feature onto the mean of the Brownian bridge from z_V to z_T."""
+    zv_a, zv, zt = zv_a.float(), zv.float(), zt.float()  # (N, E) each, unit norm; t: float or (N, 1)
+    # μ = (t z_V + (1−t) z_T) / ‖t z_V + (1−t) z_T‖                              (N, E)
+    mu = F.normalize(t * zv + (1 - t) * zt, dim=-1)
+    # Closed form for unit vectors, as ‖t z_V + (1−t) z_T‖² = t² + (1−t)² + 2t(1−t)⟨z_V, z_T⟩:
+    #   ‖z_V^a − μ‖² = 2 − 2 (t⟨z_V^a, z_V⟩ + (1−t)⟨z_V^a, z_T⟩) / sqrt(t² + (1−t)² + 2t(1−t)⟨z_V, z_T⟩)
+    # The slide's expanded line drops the sqrt and the 2 − 2(·): minimized as printed, it pushes z^a AWAY from μ.
+    # L_Br = 1/N Σ_j ‖z_Vj^a − μ_j‖²                                             (N,) -> scalar
+    return (zv_a - mu).square().sum(-1).mean()
+
+
 def compute_losses(model, batch, args):
     """Forward both views in one pass and return every loss term; terms['loss'] is optimized."""
     n = batch["image"].shape[0]
@@ -209,7 +243,11 @@ def compute_losses(model, batch, args):
         both = model(torch.cat([batch["image"], batch["image_aug"]]), ids, mask)
         f, f_a = {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
     terms = loss_con(f, f_a, model.logit_scale, args.plain_clip)
-    terms["loss"] = terms["con"]
+    with torch.autocast(f["v"].device.type, enabled=False):  # the method's term in fp32 (matmuls too)
+        # t: the paper's fixed 0.25, or one t ~ U(0, 1) per pair                  float or (N, 1)
+        t = torch.rand(n, 1, device=f["v"].device) if args.bridge_random_t else args.bridge_t
+        terms["bridge"] = loss_bridge(f_a["v"], f["v"], f["t"], t)
+    terms["loss"] = terms["con"] + args.bridge_weight * terms["bridge"]
     return terms
 
 
@@ -262,6 +300,8 @@ def peak_memory_mib(device):
 # ============================== train loop ===================================================
 def main(argv=None):
     args = data.parse_args(Args, argv)
+    if args.plain_clip:  # the method: L_Br needs the augmented views, which --plain-clip does not load
+        raise ValueError("--plain-clip drops the augmented views z^a that L_Br needs; use clip_base.py --plain-clip")
     script = os.path.splitext(os.path.basename(__file__))[0]
     ckpt = None
     if args.resume:

@@ -4,7 +4,7 @@ eval.py sees a model only through the shared contract (DESIGN.md §2.5):
     model.encode_image(images (N,3,H,W))                     -> (N, d), L2-normalized
     model.encode_text(input_ids, attention_mask (N,L))       -> (N, d), L2-normalized
     optional  encode_image_indep / encode_text_indep (same signatures): sep.py's independent features z^i
-    optional  itm_score(images, input_ids, attention_mask)   -> (N,)  fusion models (ITM reranking: not yet here)
+    optional  itm_score(images, input_ids, attention_mask)   -> (N,)  fusion models: the ITM "match" score
 
 Protocols
 - Retrieval, R@k in percent, named by direction: i2t (image query, caption candidates) and t2i.
@@ -13,6 +13,10 @@ Protocols
   are all the image's captions (a hit if ANY of them is in the top k); t2i: the one positive is the
   caption's own image. So a negative tied with the best positive does not push it down (ties go to the
   query). rsum = the sum of the six recalls.
+- ITM reranking (fusion models, keys retrieval_itm/*): each query's top-k candidates by the ITC cosine are
+  reordered by model.itm_score of the (image, caption) pair; the candidates outside the top k follow them
+  in ITC order. R@k is then read off that order exactly as above (a query's rank = the number of
+  candidates ordered strictly before its best positive).
 - Zero-shot classification (CLIP's prompt ensemble): each template is filled with each class name,
   the text features are L2-normalized, averaged over the templates and re-normalized, giving one
   classifier row per class; logits are cosines. Reports top-1/3/5 and balanced accuracy (the mean
@@ -225,6 +229,74 @@ def structure_metrics(img_feats, txt_feats, txt2img) -> dict:
             "matched_cosine": (x * txt_feats).sum(1).mean().item()}                 # mean <x_k, y_k>
 
 
+def itm_scores(model, pairset, pairs, transform, tokenizer, device, max_len, precision="fp32", batch_size=256,
+               progress=False):
+    """(P,) model.itm_score of the (image index, caption index) rows of pairs (P, 2), in batches.
+
+    The pairs are scored in image order, so a batch holds few distinct images (a model may encode each
+    once); an image is loaded once per batch that needs it.
+    """
+    order = torch.argsort(pairs[:, 0] * (pairs[:, 1].max() + 1) + pairs[:, 1])   # by image, then caption
+    texts, out = pairset.texts, torch.empty(len(pairs))
+    starts = range(0, len(pairs), batch_size)
+    with inference(model, device, precision):
+        for s in tqdm(starts, desc="ITM rerank", disable=not progress, leave=False):
+            idx = order[s:s + batch_size]
+            img_ids, inverse = torch.unique(pairs[idx, 0], return_inverse=True)
+            images = torch.stack([transform(pairset.load_image(i)) for i in img_ids.tolist()])[inverse]
+            tok = tokenizer([texts[t] for t in pairs[idx, 1].tolist()], padding=True, truncation=True,
+                            max_length=max_len, return_tensors="pt")
+            out[idx] = model.itm_score(images.to(device), tok["input_ids"].to(device),
+                                       tok["attention_mask"].to(device)).float().cpu()
+    return out
+
+
+def _reranked_ranks(sim, top, top_scores, q_group, c_group, chunk):
+    """Rank of each query's best positive once its top-k candidates are reordered by their rescores.
+
+    sim (Q, C) first-stage scores; top (Q, k) the first stage's top k; top_scores (Q, k) their rescores.
+    The reranked order is: the top k by rescore, then the rest by first-stage score. -> (Q,) long.
+    """
+    ranks, k = [], top.shape[1]
+    for s in range(0, len(sim), chunk):
+        sc, tp, ts = sim[s:s + chunk], top[s:s + chunk], top_scores[s:s + chunk]   # (c, C), (c, k), (c, k)
+        pos = q_group[s:s + chunk, None] == c_group[None, :]                     # (c, C) positives
+        pos_top = pos.gather(1, tp)                                              # (c, k) positives in the top k
+        best_top = ts.masked_fill(~pos_top, float("-inf")).amax(1, keepdim=True)  # (c, 1)
+        rank_top = (ts > best_top).sum(1)                                        # a positive made the top k
+        rest = sc.scatter(1, tp, float("-inf"))                                  # (c, C) outside the top k
+        best_rest = rest.masked_fill(~pos, float("-inf")).amax(1, keepdim=True)   # (c, 1)
+        rank_rest = k + (rest > best_rest).sum(1)                                # none did: after all k
+        ranks.append(torch.where(pos_top.any(1), rank_top, rank_rest))
+    return torch.cat(ranks)
+
+
+def rerank_retrieval(model, pairset, img_feats, txt_feats, transform, tokenizer, device, max_len, k=16,
+                     precision="fp32", ks=(1, 5, 10), batch_size=256, chunk=1024, progress=False) -> dict:
+    """i2t_R@k, t2i_R@k (percent) and rsum after ITM reranking of each query's top-k ITC candidates.
+
+    img_feats (N,d), txt_feats (M,d): the ITC features of pairset's images and captions. Every distinct
+    (image, caption) pair among the N*k + M*k candidates is scored once by model.itm_score.
+    """
+    sim = img_feats.float() @ txt_feats.float().T                            # (N, M) ITC cosines
+    txt2img = torch.as_tensor(pairset.txt2img, dtype=torch.long)            # (M,)
+    img_ids = torch.arange(len(img_feats))                                   # (N,)
+    top_i2t = sim.topk(min(k, sim.shape[1]), dim=1).indices                  # (N, k) captions of each image
+    top_t2i = sim.T.topk(min(k, sim.shape[0]), dim=1).indices                # (M, k) images of each caption
+    pairs = torch.cat([torch.stack([img_ids[:, None].expand_as(top_i2t), top_i2t], -1).view(-1, 2),
+                       torch.stack([top_t2i, torch.arange(len(txt_feats))[:, None].expand_as(top_t2i)],
+                               -1).view(-1, 2)])                             # (N*k + M*k, 2) (image, caption)
+    pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)        # each distinct pair scored once
+    scores = itm_scores(model, pairset, pairs, transform, tokenizer, device, max_len, precision, batch_size,
+                        progress)[inverse]
+    s_i2t, s_t2i = scores[:top_i2t.numel()].view_as(top_i2t), scores[top_i2t.numel():].view_as(top_t2i)
+    ranks = {"i2t": _reranked_ranks(sim, top_i2t, s_i2t, img_ids, txt2img, chunk),
+             "t2i": _reranked_ranks(sim.T, top_t2i, s_t2i, txt2img, img_ids, chunk)}
+    out = {f"{d}_R@{r}": 100.0 * (rk < r).float().mean().item() for d, rk in ranks.items() for r in ks}
+    out["rsum"] = sum(out.values())
+    return out
+
+
 # ========== One model on one suite ================================================================
 def _prefixed(prefix, metrics) -> dict:
     return {f"{prefix}/{k}": float(v) for k, v in metrics.items()}
@@ -240,9 +312,10 @@ def _probe_data(task, pairset, feats):
 
 
 def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp32", cache=None,
-             progress=False) -> dict:
+             progress=False, itm_k=16) -> dict:
     """Flat {'retrieval/i2t_R@1': ..., 'zeroshot/<name>/top1': ..., 'probe/<name>/<z|z+zi>/acc': ...,
-    'structure/modality_gap': ...} of one model on one EvalSuite.
+    'structure/modality_gap': ...} of one model on one EvalSuite; models with itm_score also get
+    'retrieval_itm/...' (the top itm_k ITC candidates of each query reranked by ITM).
 
     Each PairSet is encoded once per modality; `cache` (optional dict, filled in place) maps
     (id(pairset), 'image' | 'text' | 'image_indep' | 'text_indep') -> (pairset, (n, d) features).
@@ -269,6 +342,10 @@ def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp3
     if ps is not None:
         out.update(_prefixed("retrieval", retrieval_metrics(feats(ps, "image"), feats(ps, "text"), ps.txt2img)))
         out.update(_prefixed("structure", structure_metrics(feats(ps, "image"), feats(ps, "text"), ps.txt2img)))
+        if hasattr(model, "itm_score"):
+            out.update(_prefixed("retrieval_itm", rerank_retrieval(
+                model, ps, feats(ps, "image"), feats(ps, "text"), transform, tokenizer, device, max_len, itm_k,
+                precision, progress=progress)))
     for name, ls in suite.zeroshot.items():
         w = zeroshot_classifier(model, tokenizer, ls.classnames, ls.templates, device, max_len, precision)
         out.update(_prefixed(f"zeroshot/{name}", zeroshot_metrics(feats(ls.images, "image"), w,
@@ -282,7 +359,8 @@ def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp3
 
 
 # ========== Comparison table ======================================================================
-DEFAULT_COLUMNS = ("retrieval/i2t_R@*", "retrieval/t2i_R@*", "retrieval/rsum", "zeroshot/*/top1", "probe/*/acc",
+DEFAULT_COLUMNS = ("retrieval/i2t_R@*", "retrieval/t2i_R@*", "retrieval/rsum", "retrieval_itm/i2t_R@*",
+                   "retrieval_itm/t2i_R@*", "retrieval_itm/rsum", "zeroshot/*/top1", "probe/*/acc",
                    "structure/modality_gap", "structure/alignment", "structure/uniformity_*",
                    "structure/matched_cosine")
 
@@ -414,6 +492,8 @@ def build_parser() -> argparse.ArgumentParser:
                                                         "zero-shot + linear-probe task")
     p.add_argument("--plot", action="store_true", help="write RUN_DIR/embeddings.png and RUN_DIR/curves.png")
     p.add_argument("--save", action="store_true", help="write RUN_DIR/metrics_eval.json")
+    p.add_argument("--itm-k", type=int, default=None, help="fusion models: ITC candidates per query reranked by "
+                                                          "ITM (default: the run's own --itm-k, else 16)")
     group = p.add_argument_group("data flags", "override the run's saved value only when given")
     data.add_dataclass_args(group, data.DataArgs, defaults=False)
     return p
@@ -432,7 +512,7 @@ def evaluate_run(run_dir, opts, overrides, device) -> dict:
     transform, cache, metrics = data.eval_transform(args.image_size), {}, {}
     for suite in suites:
         metrics.update(evaluate(model, tokenizer, suite, transform, device, args.max_len, opts.precision,
-                                cache=cache, progress=True))
+                                cache=cache, progress=True, itm_k=opts.itm_k or getattr(args, "itm_k", 16)))
     run_dir = Path(run_dir)
     if opts.save:
         (run_dir / "metrics_eval.json").write_text(json.dumps(metrics, indent=2))

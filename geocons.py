@@ -1,4 +1,4 @@
-"""clip_base.py: two-tower CLIP with intra-modal contrastive terms (the L_con baseline).
+"""geocons.py: two-tower CLIP with intra-modal contrastive terms (L_con) + geometric consistency (L_GC, L_GC^a).
 
 Method (Jiang et al., CVPR 2023, "basic contrastive framework"; seed 000). A batch holds N image-text
 pairs; z_V, z_T are the L2-normalized projections of the image and text encoders and z_V^a, z_T^a
@@ -14,8 +14,26 @@ Reading of the slide: its L_V2V denominator sums over z_Vk of the *same* view, w
 trivial pair ⟨z_Vj, z_Vj⟩ = 1; we contrast z_Vj against the other view's z_Vk^a instead (SimCLR-style),
 which is what the numerator ⟨z_Vj, z_Vj^a⟩ implies. `--plain-clip` keeps only ½(L_V2T + L_T2V).
 
-Run it:  python clip_base.py                      (synthetic benchmark, CPU, about 3 minutes)
-         python clip_base.py --data karpathy --data-root DIR --vision resnet50 --pretrained-vision \
+Geometric consistency (intra- and inter-modality regularization, seed 000). The distances between feature
+pairs should be symmetric across modalities (⟨z_V1, z_T2⟩ ≈ ⟨z_V2, z_T1⟩, ⟨z_V1, z_V2⟩ ≈ ⟨z_T1, z_T2⟩) and
+kept by the augmentations:
+
+    L_GC   = 1/N Σ_j Σ_k [ (⟨z_Vj, z_Tk⟩ − ⟨z_Vk, z_Tj⟩)² + (⟨z_Vj, z_Vk⟩ − ⟨z_Tj, z_Tk⟩)² ]
+    L_GC^a = 1/N Σ_j Σ_k [ (⟨z_Vj, z_Vk⟩ − ⟨z_Vj^a, z_Vk^a⟩)² + (⟨z_Tj, z_Tk⟩ − ⟨z_Tj^a, z_Tk^a⟩)² ]
+             + 1/N Σ_j (⟨z_Vj, z_Tj⟩ − ⟨z_Vj^a, z_Tj^a⟩)²
+    L = L_con + λ (L_GC + L_GC^a)        (λ = --gc-weight)
+
+L_GC is CyCLIP's cross-modal plus in-modal cyclic loss (Goel et al. 2022) with λ1 = λ2 = 1 and CyCLIP's
+1/N normalization: a sum over N² pairs divided by N, so it grows linearly with the batch size N (so do the
+pair sums of L_GC^a; its matched term is a plain mean). Without L_GC^a this is CyCLIP (--inmodal) at
+λ1 = λ2 = λ.
+Reading of the slides: the last term of L_GC^a prints ⟨z_Tj, z_Tj⟩, a constant 1 for unit vectors; we read
+it as ⟨z_Vj, z_Tj⟩, the matched image-text similarity that the augmented pair should keep. The slide's
+"⟨z_Vj, z_k⟩" in L_GC is ⟨z_Vj, z_Vk⟩ (the in-modal pair of the figure). The method needs the augmented
+views, so `--plain-clip` is refused.
+
+Run it:  python geocons.py                        (synthetic benchmark, CPU, about 3 minutes)
+         python geocons.py --data karpathy --data-root DIR --vision resnet50 --pretrained-vision \
              --text-model bert-base-uncased --tokenizer bert-base-uncased --image-size 224 --precision bf16
 Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
 """
@@ -40,7 +58,7 @@ import eval as ev
 # ============================== flags ========================================================
 @dataclass
 class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size, ...) live in data.py
-    exp_name: str = "clip_base"
+    exp_name: str = "geocons"
     """name of the run (first part of the output folder)"""
     seed: int = 1
     """seed of the model initialization and the batch order"""
@@ -90,6 +108,9 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """dimension of the shared embedding z"""
     plain_clip: bool = False
     """drop the intra-modal terms: L = ½(L_V2T + L_T2V), plain CLIP"""
+    # L_GC and L_GC^a keep CyCLIP's 1/N normalization (a sum over N² pairs divided by N): they grow ∝ batch size N
+    gc_weight: float = 0.25
+    """λ in L = L_con + λ(L_GC + L_GC^a) (0.25: CyCLIP's λ1 = λ2 at its batch 128, our default; else scale by 128/N)"""
 
 
 # ============================== model (boilerplate encoders) =================================
@@ -182,8 +203,9 @@ def build_model(args, tokenizer):
 # ============================== losses (the method) ==========================================
 def nce(a, b, logit_scale):
     """InfoNCE of a against b: row j's positive is b_j, its negatives the other b_k of the batch."""
-    # s_jk = ⟨a_j, b_k⟩ / τ                                              (N, N), in fp32
-    logits = logit_scale.exp().float() * (a.float() @ b.float().t())
+    with torch.autocast(a.device.type, enabled=False):  # fp32 logits, also under bf16/fp16 autocast
+        # s_jk = ⟨a_j, b_k⟩ / τ                                          (N, N)
+        logits = logit_scale.exp().float() * (a.float() @ b.float().t())
     # NCE(a, b) = −1/N Σ_j log( exp(s_jj) / Σ_k exp(s_jk) )
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 
@@ -199,6 +221,26 @@ def loss_con(f, f_a, logit_scale, plain_clip=False):
     return terms
 
 
+def loss_gc(zv, zt):
+    """L_GC: geometric consistency of the original features (CyCLIP's cross-modal + in-modal cyclic losses)."""
+    zv, zt = zv.float(), zt.float()  # (N, E) each
+    s_vt, s_vv, s_tt = zv @ zt.t(), zv @ zv.t(), zt @ zt.t()  # (N, N): [j, k] = ⟨z_Vj,z_Tk⟩, ⟨z_Vj,z_Vk⟩, ⟨z_Tj,z_Tk⟩
+    # L_GC = 1/N Σ_j Σ_k [ (⟨z_Vj,z_Tk⟩ − ⟨z_Vk,z_Tj⟩)² + (⟨z_Vj,z_Vk⟩ − ⟨z_Tj,z_Tk⟩)² ]     (N, N) -> scalar
+    return ((s_vt - s_vt.t()).square() + (s_vv - s_tt).square()).sum() / len(zv)
+
+
+def loss_gc_aug(zv, zt, zv_a, zt_a):
+    """L_GC^a: the augmented views keep the originals' geometry (last term: ⟨z_Vj,z_Tj⟩, not ⟨z_Tj,z_Tj⟩ = 1)."""
+    zv, zt, zv_a, zt_a = zv.float(), zt.float(), zv_a.float(), zt_a.float()  # (N, E) each
+    n = len(zv)
+    # 1/N Σ_j Σ_k [ (⟨z_Vj,z_Vk⟩ − ⟨z_Vj^a,z_Vk^a⟩)² + (⟨z_Tj,z_Tk⟩ − ⟨z_Tj^a,z_Tk^a⟩)² ]          (N, N) -> scalar
+    intra = ((zv @ zv.t() - zv_a @ zv_a.t()).square() + (zt @ zt.t() - zt_a @ zt_a.t()).square()).sum() / n
+    # 1/N Σ_j (⟨z_Vj,z_Tj⟩ − ⟨z_Vj^a,z_Tj^a⟩)²                                                     (N,) -> scalar
+    matched = ((zv * zt).sum(-1) - (zv_a * zt_a).sum(-1)).square().mean()
+    # L_GC^a = the two-view pair sums + the matched term
+    return intra + matched
+
+
 def compute_losses(model, batch, args):
     """Forward both views in one pass and return every loss term; terms['loss'] is optimized."""
     n = batch["image"].shape[0]
@@ -209,7 +251,10 @@ def compute_losses(model, batch, args):
         both = model(torch.cat([batch["image"], batch["image_aug"]]), ids, mask)
         f, f_a = {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
     terms = loss_con(f, f_a, model.logit_scale, args.plain_clip)
-    terms["loss"] = terms["con"]
+    with torch.autocast(f["v"].device.type, enabled=False):  # the method's terms in fp32 (matmuls too)
+        terms["gc"] = loss_gc(f["v"], f["t"])
+        terms["gc_a"] = loss_gc_aug(f["v"], f["t"], f_a["v"], f_a["t"])
+    terms["loss"] = terms["con"] + args.gc_weight * (terms["gc"] + terms["gc_a"])
     return terms
 
 
@@ -262,6 +307,8 @@ def peak_memory_mib(device):
 # ============================== train loop ===================================================
 def main(argv=None):
     args = data.parse_args(Args, argv)
+    if args.plain_clip:  # the method: L_GC^a needs the augmented views, which --plain-clip does not load
+        raise ValueError("--plain-clip drops the augmented views z^a that L_GC^a needs; use clip_base.py --plain-clip")
     script = os.path.splitext(os.path.basename(__file__))[0]
     ckpt = None
     if args.resume:

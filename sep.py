@@ -212,8 +212,9 @@ def build_model(args, tokenizer):
 # ============================== losses (the method) ==========================================
 def nce(a, b, logit_scale):
     """InfoNCE of a against b: row j's positive is b_j, its negatives the other b_k of the batch."""
-    # s_jk = ⟨a_j, b_k⟩ / τ                                              (N, N), in fp32
-    logits = logit_scale.exp().float() * (a.float() @ b.float().t())
+    with torch.autocast(a.device.type, enabled=False):  # fp32 logits, also under bf16/fp16 autocast
+        # s_jk = ⟨a_j, b_k⟩ / τ                                          (N, N)
+        logits = logit_scale.exp().float() * (a.float() @ b.float().t())
     # NCE(a, b) = −1/N Σ_j log( exp(s_jj) / Σ_k exp(s_jk) )
     return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
 

@@ -1,0 +1,117 @@
+"""Regenerate every result table of docs/results.md from scratch (the CleanRL-style benchmark script).
+
+    python docs/reproduce.py synthetic                 # 5 two-tower methods x 3 seeds, default budget (CPU)
+    python docs/reproduce.py flickr8k --data-root ../shared/data/flickr8k    # 5 methods x 1 seed
+    python docs/reproduce.py theorem1                  # texture visibility sweep (Theorem 1)
+    python docs/reproduce.py tables runs/results/synthetic [--by-seed]       # print the Markdown tables
+
+Each run is a plain subprocess call of a method script, so every number can be re-checked by hand with
+the command printed before it. Runs go to runs/results/<experiment>/; `tables` reads their metrics.json.
+"""
+import argparse
+import glob
+import json
+import os
+import statistics
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# row label -> (script, extra flags); the exp-name is the folder prefix the tables group by
+METHODS = {"CLIP (2-term)": ("clip_base.py", ["--plain-clip", "--exp-name", "clip_plain"]),
+           "L_con baseline": ("clip_base.py", ["--exp-name", "clip_base"]),
+           "OURS_Sep": ("sep.py", ["--exp-name", "sep"]),
+           "OURS_Br": ("bridge.py", ["--exp-name", "bridge"]),
+           "OURS_GC": ("geocons.py", ["--exp-name", "geocons"])}
+FLICKR = ["--data", "karpathy", "--image-size", "64", "--epochs", "5"]
+
+
+def run(script, flags, out):
+    cmd = [sys.executable, script, "--out", out, *flags]
+    print("+", " ".join(cmd[1:]), flush=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
+
+
+def experiment(name, flags, seeds, methods=METHODS):
+    out = os.path.join("runs", "results", name)
+    for seed in seeds:
+        for script, extra in methods.values():
+            run(script, [*extra, "--seed", str(seed), *flags], out)
+    print(tables(os.path.join(ROOT, out)))
+
+
+def load(folder):
+    """{exp-name: [metrics of each seed]} of the runs under folder."""
+    groups = {}
+    for path in sorted(glob.glob(os.path.join(folder, "*", "metrics.json"))):
+        exp = os.path.basename(os.path.dirname(path)).split("-")[0]
+        groups.setdefault(exp, []).append(json.load(open(path)))
+    return groups
+
+
+def cell(values):
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return f"{values[0]:.1f}"
+    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+
+
+def table(groups, title, columns):
+    """One Markdown table: a row per method, `columns` = [(header, metric key)], mean ± std over seeds."""
+    names = {extra[extra.index("--exp-name") + 1]: label for label, (_, extra) in METHODS.items()}
+    lines = [f"**{title}**", "", "| method | n | " + " | ".join(h for h, _ in columns) + " |",
+             "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
+    for exp, runs in groups.items():
+        cells = [cell([r[k] for r in runs if k in r]) for _, k in columns]
+        lines.append(f"| {names.get(exp, exp)} | {len(runs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def tables(folder):
+    groups = load(folder)
+    if not groups:
+        return f"no runs with metrics.json under {folder}"
+    keys = set().union(*(r.keys() for runs in groups.values() for r in runs))
+    sets = sorted({k.split("/")[1] for k in keys if k.startswith("zeroshot/")})
+    probes = sorted({k.split("/")[1] for k in keys if k.startswith("probe/")})
+    out = []
+    if sets:
+        out.append(table(groups, "Zero-shot classification, top-1 / top-3 / top-5 (%)",
+                         [(f"{s} top{k}", f"zeroshot/{s}/top{k}") for s in sets for k in (1, 3, 5)]))
+    out.append(table(groups, "Retrieval (%), 1,000 test images x 5 captions",
+                     [(f"{d} R@{k}", f"retrieval/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
+                     + [("rsum", "retrieval/rsum")]))
+    if probes:
+        out.append(table(groups, "Linear probe, test accuracy (%)",
+                         [(f"{p} ({f})", f"probe/{p}/{f}/acc") for p in probes for f in ("z", "z+zi")
+                          if any(f"probe/{p}/{f}/acc" in r for runs in groups.values() for r in runs)]))
+    out.append(table(groups, "Structure of the test embeddings, and cost",
+                     [("modality gap", "structure/modality_gap"), ("alignment", "structure/alignment"),
+                      ("uniformity (image)", "structure/uniformity_image"),
+                      ("uniformity (text)", "structure/uniformity_text"),
+                      ("matched cosine", "structure/matched_cosine"), ("train s", "train/seconds")]))
+    return "\n\n".join(out)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "tables"])
+    p.add_argument("folder", nargs="?", help="tables: the folder of runs")
+    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--data-root", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
+    a = p.parse_args()
+    if a.what == "synthetic":
+        experiment("synthetic", [], a.seeds)
+    elif a.what == "flickr8k":
+        experiment("flickr8k", [*FLICKR, "--data-root", a.data_root], a.seeds[:1])
+    elif a.what == "theorem1":
+        picked = {k: METHODS[k] for k in ("CLIP (2-term)", "L_con baseline", "OURS_Sep")}
+        for contrast in ("0.05", "0.18", "0.5"):
+            experiment(f"theorem1-contrast{contrast}", ["--synth-texture-contrast", contrast], a.seeds[:1], picked)
+    else:
+        print(tables(a.folder))
+
+
+if __name__ == "__main__":
+    main()
