@@ -3,7 +3,8 @@
     python docs/reproduce.py synthetic                 # 5 two-tower methods x 3 seeds, default budget (CPU)
     python docs/reproduce.py flickr8k --data-root ../shared/data/flickr8k    # 5 methods x 1 seed
     python docs/reproduce.py theorem1                  # texture visibility sweep (Theorem 1)
-    python docs/reproduce.py tables runs/results/synthetic [--by-seed]       # print the Markdown tables
+    python docs/reproduce.py tables runs/results/synthetic                   # print the Markdown tables
+    python docs/reproduce.py figures runs/results/synthetic                  # docs/latent_structure.png, curves
 
 Each run is a plain subprocess call of a method script, so every number can be re-checked by hand with
 the command printed before it. Runs go to runs/results/<experiment>/; `tables` reads their metrics.json.
@@ -49,21 +50,22 @@ def load(folder):
     return groups
 
 
-def cell(values):
+def cell(values, digits=1):
     if not values:
         return "–"
     if len(values) == 1:
-        return f"{values[0]:.1f}"
-    return f"{statistics.mean(values):.1f} ± {statistics.stdev(values):.1f}"
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(groups, title, columns):
+def table(groups, title, columns, digits=1):
     """One Markdown table: a row per method, `columns` = [(header, metric key)], mean ± std over seeds."""
     names = {extra[extra.index("--exp-name") + 1]: label for label, (_, extra) in METHODS.items()}
     lines = [f"**{title}**", "", "| method | n | " + " | ".join(h for h, _ in columns) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
-    for exp, runs in groups.items():
-        cells = [cell([r[k] for r in runs if k in r]) for _, k in columns]
+    order = [e for e in names if e in groups] + [e for e in groups if e not in names]
+    for exp, runs in ((e, groups[e]) for e in order):
+        cells = [cell([r[k] for r in runs if k in r], 0 if k == "train/seconds" else digits) for _, k in columns]
         lines.append(f"| {names.get(exp, exp)} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -90,14 +92,41 @@ def tables(folder):
                      [("modality gap", "structure/modality_gap"), ("alignment", "structure/alignment"),
                       ("uniformity (image)", "structure/uniformity_image"),
                       ("uniformity (text)", "structure/uniformity_text"),
-                      ("matched cosine", "structure/matched_cosine"), ("train s", "train/seconds")]))
+                      ("matched cosine", "structure/matched_cosine"), ("train s", "train/seconds")], digits=2))
     return "\n\n".join(out)
+
+
+def figures(folder, seed=1):
+    """docs/latent_structure.png (2-D PCA of both modalities per method, the paper's latent-structure
+    visualization) and docs/training_curves.png (L_con of every method against step), from seed `seed`."""
+    sys.path.insert(0, ROOT)
+    import data
+    import eval as ev
+    from matplotlib.figure import Figure
+    names = {extra[extra.index("--exp-name") + 1]: label for label, (_, extra) in METHODS.items()}
+    runs = {exp: d for exp in names for d in sorted(glob.glob(os.path.join(folder, f"{exp}-*-{seed}-*")))}
+    panels, fig = {}, Figure(figsize=(7, 4))
+    ax = fig.subplots()
+    for exp, run_dir in runs.items():
+        model, tokenizer, args, _ = ev.load_run(run_dir, "cpu")
+        test = data.build_eval_suite(args).retrieval
+        img = ev.encode_images(model, test, data.eval_transform(args.image_size), "cpu")
+        txt = ev.encode_texts(model, tokenizer, test.texts, "cpu", args.max_len)
+        panels[names[exp]] = (img, txt, test.txt2img)
+        log = [json.loads(line) for line in open(os.path.join(run_dir, "log.jsonl"))]
+        ax.plot([r["step"] for r in log], [r["loss_con"] for r in log], label=names[exp])
+    ev.plot_embeddings_grid(panels, os.path.join(ROOT, "docs", "latent_structure.png"), ncols=len(panels))
+    ax.set(xlabel="step", ylabel="L_con (the shared contrastive loss)", title=f"training curves, seed {seed}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "training_curves.png"), dpi=120)
+    print("wrote docs/latent_structure.png and docs/training_curves.png")
 
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "tables"])
-    p.add_argument("folder", nargs="?", help="tables: the folder of runs")
+    p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "tables", "figures"])
+    p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--data-root", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
     a = p.parse_args()
@@ -109,6 +138,8 @@ def main():
         picked = {k: METHODS[k] for k in ("CLIP (2-term)", "L_con baseline", "OURS_Sep")}
         for contrast in ("0.05", "0.18", "0.5"):
             experiment(f"theorem1-contrast{contrast}", ["--synth-texture-contrast", contrast], a.seeds[:1], picked)
+    elif a.what == "figures":
+        figures(a.folder, a.seeds[0])
     else:
         print(tables(a.folder))
 
