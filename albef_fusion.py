@@ -107,6 +107,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """load the torchvision ImageNet weights of --vision (needs the network once)"""
     vit_patch: int = 4
     """small ViT: patch size in pixels (32 px / 4 = 8×8 = 64 patch tokens, plus [CLS])"""
+    vit_stem: str = "linear"
+    """small ViT: linear (one linear map per patch, as in ViT) or conv (3×3 stride-2 convolutions to the same grid)"""
     vit_width: int = 128
     """small ViT: token width"""
     vit_depth: int = 3
@@ -183,12 +185,19 @@ class ViTBlock(nn.Module):
 class ViT(nn.Module):
     """Image → P patches → P tokens (one linear map per patch) → [CLS] prepended → blocks → (N, 1+P, width)."""
 
-    def __init__(self, image_size, patch, width, depth, heads):
+    def __init__(self, image_size, patch, width, depth, heads, stem="linear"):
         super().__init__()
         if image_size % patch:
             raise ValueError(f"--image-size {image_size} is not a multiple of the ViT patch size {patch}")
         self.patch, self.width, n_patches = patch, width, (image_size // patch) ** 2
-        self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)  # a linear map of each p×p×3 patch
+        if stem == "linear":
+            self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)  # a linear map of each p×p×3 patch
+        else:  # conv: log2(p) stages of two 3×3 convolutions (the first with stride 2), then 1×1: same token grid
+            chans, layers = [3] + [32 * 2 ** k for k in range(int(math.log2(patch)))], []
+            for cin, cout in zip(chans, chans[1:]):
+                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                           nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)
         self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(depth))
@@ -252,12 +261,20 @@ class Bert(nn.Module):
 
 
 def init_weights(module):
-    """BERT's initialization: N(0, 0.02) for linear and embedding weights, zero biases, unit LayerNorms."""
+    """N(0, 1/fan_in) linear weights (LeCun), N(0, 0.02) embeddings, zero biases; LayerNorms stay at 1, 0.
+
+    Not BERT's N(0, 0.02) everywhere: that suits width 768 (0.02·√768 ≈ 0.55 gain per layer), but at width 128
+    every attention output is ~20× smaller than the residual stream, so the [CLS] state barely depends on the
+    other tokens and all captions start with the same ITC feature; against a queue ITC then never takes off
+    (measured). With 1/fan_in the small encoders start where BERT-base does. Pretrained weights overwrite it.
+    """
     for m in module.modules():
-        if isinstance(m, (nn.Linear, nn.Embedding)):
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
             nn.init.normal_(m.weight, std=0.02)
-        if isinstance(m, nn.Linear) and m.bias is not None:
-            nn.init.zeros_(m.bias)
 
 
 # ============================== model (boilerplate: pretrained weights) ======================
@@ -289,7 +306,7 @@ def load_torchvision_vit(vit, tv_state):
 
 def build_vision(args):
     if args.vision == "vit":
-        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads)
+        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads, args.vit_stem)
         init_weights(vit)
         return vit
     if args.vision not in TV_VITS:
