@@ -311,7 +311,8 @@ def test_load_hf_bert_matches_transformers(tmp_path):
     hf.save_pretrained(tmp_path / "bert")
     args = albef.Args(text_model=str(tmp_path / "bert"), text_layers=2)
     bert = albef.build_bert(args, vocab_size=0, image_width=24).eval()
-    assert len(bert.text_layers) == 2 and len(bert.fusion_layers) == 1 and bert.fusion_layers[0].cross_attn.k.in_features == 24
+    assert len(bert.text_layers) == 2 and len(bert.fusion_layers) == 1
+    assert bert.fusion_layers[0].cross_attn.k.in_features == 24                # keys/values from the image width
     ids = torch.randint(5, 50, (3, 9))
     mask = torch.ones(3, 9, dtype=torch.long)
     mask[1, 6:], mask[2, 4:] = 0, 0
@@ -436,7 +437,8 @@ def test_args_help_lists_every_field(capsys):
     with pytest.raises(SystemExit):
         albef.main(["--help"])
     out = capsys.readouterr().out
-    for flag in ("--queue-size", "--momentum", "--alpha-ramp", "--itm-k", "--mlm-prob", "--fusion-layers", "--data-root"):
+    for flag in ("--queue-size", "--momentum", "--alpha-ramp", "--itm-k", "--mlm-prob", "--fusion-layers", "--vit-stem",
+                 "--data-root"):
         assert flag in out, flag
     assert "65,536" in out and "reranked by ITM" in out
 
