@@ -93,7 +93,7 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """path of a checkpoint.pt to continue exactly where it stopped"""
     stop_at: int = 0
     """stop at this step with a checkpoint, as a preempted job would (0 = run to the end)"""
-    steps: int = 350
+    steps: int = 450
     """optimizer steps"""
     epochs: float = 0.0
     """if > 0: train for this many passes over the training images instead of --steps"""
