@@ -151,6 +151,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """fraction of the text tokens masked for MLM"""
     itm_k: int = 16
     """retrieval evaluation: ITC candidates per query reranked by ITM (the reference: 256 COCO, 128 Flickr)"""
+    pool: str = "cls"
+    """unimodal feature for ITC and the contract: cls ([CLS] token, the reference) or mean (of the real tokens)"""
 
 
 # ============================== model (boilerplate: attention, ViT, BERT) ====================
@@ -411,6 +413,7 @@ class ALBEF(nn.Module):
         self.special_ids = [i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
                             if i is not None]
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+        self.pooling = args.pool
 
     def momentum_pairs(self):  # (online, momentum) modules of θ_m ← m θ_m + (1 − m) θ
         return [(self.visual, self.visual_m), (self.bert, self.bert_m), (self.vision_proj, self.vision_proj_m),
@@ -419,12 +422,19 @@ class ALBEF(nn.Module):
     def momentum_parameters(self):
         return [p for _, m in self.momentum_pairs() for p in m.parameters()]
 
+    def pool(self, h, mask=None):  # tokens (N, L, D) -> (N, D): [CLS] (the reference) or the mean of the real tokens
+        if self.pooling == "cls":
+            return h[:, 0]
+        mask = h.new_ones(h.shape[:2]) if mask is None else mask.to(h.dtype)
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
     # ---- the shared contract (eval.py): unimodal features, and the ITM score of fused pairs
     def encode_image(self, images):  # (N, 3, H, W) -> g_v(v_cls) (N, E), unit norm
-        return F.normalize(self.vision_proj(self.visual(images)[:, 0]), dim=-1)
+        return F.normalize(self.vision_proj(self.pool(self.visual(images))), dim=-1)
 
     def encode_text(self, input_ids, attention_mask):  # (N, L) -> g_w(w_cls) (N, E), unit norm
-        return F.normalize(self.text_proj(self.bert.encode_text(input_ids, attention_mask)[:, 0]), dim=-1)
+        return F.normalize(self.text_proj(self.pool(self.bert.encode_text(input_ids, attention_mask), attention_mask)),
+                           dim=-1)
 
     def itm_score(self, images, input_ids, attention_mask):  # (N,) logit_match − logit_no_match of each pair
         # each distinct image is encoded once (eval.py sends the pairs sorted by image: few distinct per batch)
@@ -474,19 +484,26 @@ def distill_targets(s_m, alpha):
     return alpha * F.softmax(s_m, dim=1) + (1 - alpha) * onehot
 
 
+def distilled_nce(z, z_m, keys, temp, alpha):
+    """One direction of ITC: online queries z (N, E) against keys (N+M, E) = [momentum batch ; queue], query j's
+    positive is key j; the soft targets come from the momentum queries z_m (N, E). Returns (H, s) with s (N, N+M)."""
+    with torch.no_grad():  # the momentum model's own similarities give the soft targets
+        y = distill_targets(z_m.float() @ keys.t() / temp, alpha)     # (N, N+M)
+    # s(I, T_m) = ⟨g_v(v_cls), g'_w(w'_cls)⟩ / τ   (or s(T, I_m) with the roles swapped)       (N, N+M)
+    s = z.float() @ keys.t() / temp
+    # H(y, p) = −Σ_m y_m log p_m,  p = softmax(s), averaged over the N queries
+    return -(y * F.log_softmax(s, 1)).sum(1).mean(), s.detach()
+
+
 def loss_itc(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha):
     """L_itc of online features z (N, E) against [momentum batch ; queue] (N+M, E). Returns (loss, s_i2t, s_t2i)."""
-    z_v, z_t, temp = z_v.float(), z_t.float(), temp.float()
+    temp = temp.float()
     z_v_all = torch.cat([z_v_m.float(), image_queue.float()])     # (N+M, E) g'_v(v'_cls): this batch, then the queue
     z_t_all = torch.cat([z_t_m.float(), text_queue.float()])      # (N+M, E) g'_w(w'_cls)
-    with torch.no_grad():  # the momentum model's own similarities give the soft targets
-        y_i2t = distill_targets(z_v_m.float() @ z_t_all.t() / temp, alpha)   # (N, N+M)
-        y_t2i = distill_targets(z_t_m.float() @ z_v_all.t() / temp, alpha)   # (N, N+M)
-    # s(I, T_m) = ⟨g_v(v_cls), g'_w(w'_cls)⟩ / τ,   s(T, I_m) = ⟨g_w(w_cls), g'_v(v'_cls)⟩ / τ      (N, N+M)
-    s_i2t, s_t2i = z_v @ z_t_all.t() / temp, z_t @ z_v_all.t() / temp
-    # L_itc = ½ [ H(y^i2t, p^i2t) + H(y^t2i, p^t2i) ],  H(y, p) = −Σ_m y_m log p_m,  p = softmax(s)
-    loss = 0.5 * (-(y_i2t * F.log_softmax(s_i2t, 1)).sum(1).mean() - (y_t2i * F.log_softmax(s_t2i, 1)).sum(1).mean())
-    return loss, s_i2t.detach(), s_t2i.detach()
+    h_i2t, s_i2t = distilled_nce(z_v, z_v_m, z_t_all, temp, alpha)
+    h_t2i, s_t2i = distilled_nce(z_t, z_t_m, z_v_all, temp, alpha)
+    # L_itc = ½ [ H(y^i2t, p^i2t) + H(y^t2i, p^t2i) ]
+    return 0.5 * (h_i2t + h_t2i), s_i2t, s_t2i
 
 
 def mask_tokens(input_ids, vocab_size, mask_id, special_ids, prob=0.15):
@@ -543,12 +560,12 @@ def compute_losses(model, batch, args, alpha):
     # ---- unimodal encoders: the image, and the text alone (first BERT layers)
     v = model.visual(image)                                             # (N, 1+P, Wv) image tokens, v[:, 0] = [CLS]
     w = model.bert.encode_text(ids, mask)                               # (N, L, W) text-only states
-    z_v = F.normalize(model.vision_proj(v[:, 0]), dim=-1)               # (N, E) g_v(v_cls)
-    z_t = F.normalize(model.text_proj(w[:, 0]), dim=-1)                 # (N, E) g_w(w_cls)
+    z_v = F.normalize(model.vision_proj(model.pool(v)), dim=-1)         # (N, E) g_v(v_cls)
+    z_t = F.normalize(model.text_proj(model.pool(w, mask)), dim=-1)     # (N, E) g_w(w_cls)
     with torch.no_grad():  # the momentum model on the same inputs
         v_m = model.visual_m(image)                                     # (N, 1+P, Wv)
-        z_v_m = F.normalize(model.vision_proj_m(v_m[:, 0]), dim=-1)     # (N, E) g'_v(v'_cls)
-        z_t_m = F.normalize(model.text_proj_m(model.bert_m.encode_text(ids, mask)[:, 0]), dim=-1)  # g'_w(w'_cls)
+        z_v_m = F.normalize(model.vision_proj_m(model.pool(v_m)), dim=-1)                   # (N, E) g'_v(v'_cls)
+        z_t_m = F.normalize(model.text_proj_m(model.pool(model.bert_m.encode_text(ids, mask), mask)), dim=-1)
 
     # ---- ITC against [momentum batch ; queue], with momentum distillation
     terms = {}

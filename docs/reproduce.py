@@ -135,8 +135,10 @@ def main():
     elif a.what == "flickr8k":
         experiment("flickr8k", [*FLICKR, "--data-root", a.data_root], a.seeds[:1])
     elif a.what == "theorem1":
+        # the default contrast (0.18) is the `synthetic` experiment's seed-1 runs; this adds a fainter and a
+        # stronger texture for the methods that matter here
         picked = {k: METHODS[k] for k in ("CLIP (2-term)", "L_con baseline", "OURS_Sep")}
-        for contrast in ("0.05", "0.18", "0.5"):
+        for contrast in ("0.05", "0.5"):
             experiment(f"theorem1-contrast{contrast}", ["--synth-texture-contrast", contrast], a.seeds[:1], picked)
     elif a.what == "figures":
         figures(a.folder, a.seeds[0])

@@ -20,6 +20,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,3 +142,12 @@ def karpathy_dir(tmp_path, karpathy_spec):
                        "cocoid": 1000 + i, "sentids": [x["sentid"] for x in sents], "sentences": sents})
     (root / "dataset_tiny.json").write_text(json.dumps({"dataset": "tiny", "images": images}))
     return root
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny tensors: one thread avoids contention on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -1,12 +1,8 @@
 """albef_fusion.py: queue, momentum update, MLM masking, hard negatives, distillation targets, the ITC/MLM/ITM
 losses against loops, bidirectional attention, pretrained-weight loading, eval.py's ITM reranking against a
 brute force, a smoke run, exact resume and eval.py on the saved run."""
-import glob
-import json
 import math
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -18,29 +14,10 @@ from PIL import Image
 import albef_fusion as albef
 import data
 import eval as ev
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-# tiny end-to-end runs (seconds on a CPU): ViT/BERT sizes of ALBEF instead of tiny.TINY's CNN flags
-TINY_ALBEF = ["--synth-train", "256", "--steps", "6", "--batch-size", "16", "--log-every", "2", "--warmup", "2",
-              "--image-size", "32", "--vit-patch", "8", "--vit-width", "32", "--vit-depth", "1", "--vit-heads", "2",
-              "--text-width", "32", "--text-layers", "1", "--fusion-layers", "1", "--text-heads", "2",
-              "--embed-dim", "16", "--queue-size", "48", "--alpha-ramp", "3", "--itm-k", "4",
-              "--probe-train", "64", "--max-eval", "48", "--num-workers", "0"]
+from tiny import eval_cli_agrees, resume_is_exact, smoke_run, tiny_albef, unit
 
 
-def tiny_albef(out_dir, *extra):
-    """TINY_ALBEF plus an output folder and any extra flags (later flags win)."""
-    return [*TINY_ALBEF, "--out", str(out_dir), *map(str, extra)]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: one thread avoids contention on a shared machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +186,17 @@ def test_distill_targets_formula():
                 assert y[j, k].item() == pytest.approx(want, abs=1e-12)
 
 
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
+def distilled_nce_loop(a, a_m, keys, tau, alpha):
+    """H(y, p) of one ITC direction, one term at a time; keys = [momentum batch ; queue], query j's positive is key j."""
+    total = 0.0
+    for j in range(len(a)):
+        s = [float(a[j] @ k) / tau for k in keys]
+        s_m = [float(a_m[j] @ k) / tau for k in keys]
+        p = [math.exp(x) / sum(math.exp(y) for y in s) for x in s]
+        p_m = [math.exp(x) / sum(math.exp(y) for y in s_m) for x in s_m]
+        y = [alpha * p_m[k] + (1 - alpha) * (k == j) for k in range(len(keys))]
+        total += -sum(y[k] * math.log(p[k]) for k in range(len(keys)))
+    return total / len(a)
 
 
 def test_loss_itc_matches_loop():
@@ -220,17 +206,8 @@ def test_loss_itc_matches_loop():
     loss, s_i2t, _ = albef.loss_itc(z_v, z_t, z_v_m, z_t_m, q_img, q_txt, torch.tensor(tau, dtype=torch.float64),
                                     alpha)
 
-    def direction(a, a_m, keys):  # keys: [momentum batch ; queue]
-        total = 0.0
-        for j in range(n):
-            s = [float(a[j] @ k) / tau for k in keys]
-            s_m = [float(a_m[j] @ k) / tau for k in keys]
-            p = [math.exp(x) / sum(math.exp(y) for y in s) for x in s]
-            p_m = [math.exp(x) / sum(math.exp(y) for y in s_m) for x in s_m]
-            y = [alpha * p_m[k] + (1 - alpha) * (k == j) for k in range(len(keys))]
-            total += -sum(y[k] * math.log(p[k]) for k in range(len(keys)))
-        return total / n
-    want = 0.5 * (direction(z_v, z_v_m, list(z_t_m) + list(q_txt)) + direction(z_t, z_t_m, list(z_v_m) + list(q_img)))
+    want = 0.5 * (distilled_nce_loop(z_v, z_v_m, list(z_t_m) + list(q_txt), tau, alpha)
+                  + distilled_nce_loop(z_t, z_t_m, list(z_v_m) + list(q_img), tau, alpha))
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert s_i2t.shape == (n, n + m)
 
@@ -347,27 +324,16 @@ def test_load_torchvision_vit_matches_torchvision():
 # ----------------------------------------------------------------------------------------------
 # eval.py: ITM reranking against a brute force
 # ----------------------------------------------------------------------------------------------
-class GridPairSet:
-    """PairSet-like: image i is a solid grey of level i; caption t is the word 'c<t>'."""
+class GridPairSet(data.PairSet):
+    """Image i is a solid grey of level i; caption t is the word 'c<t>'."""
 
     def __init__(self, n_captions):
-        self.captions = [[f"c{t}" for t in range(s, s + c)] for s, c in
-                         zip(np.cumsum([0] + n_captions[:-1]).tolist(), n_captions)]
-        self.name = "grid"
-
-    def __len__(self):
-        return len(self.captions)
+        starts = np.cumsum([0] + n_captions[:-1]).tolist()
+        super().__init__("grid", range(len(n_captions)), [[f"c{t}" for t in range(s, s + c)]
+                                                          for s, c in zip(starts, n_captions)])
 
     def load_image(self, i):
         return Image.new("L", (2, 2), i)
-
-    @property
-    def texts(self):
-        return [c for caps in self.captions for c in caps]
-
-    @property
-    def txt2img(self):
-        return [i for i, caps in enumerate(self.captions) for _ in caps]
 
 
 class GridTokenizer:
@@ -443,55 +409,26 @@ def test_args_help_lists_every_field(capsys):
     assert "65,536" in out and "reranked by ITM" in out
 
 
-def run_dir_of(out):
-    dirs = glob.glob(os.path.join(out, "*"))
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
 @pytest.mark.slow
 def test_smoke_subprocess_and_eval_cli(tmp_path):
-    subprocess.run([sys.executable, "albef_fusion.py", *tiny_albef(tmp_path)], cwd=ROOT, check=True, timeout=300,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
-    run = run_dir_of(tmp_path)
-    for name in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "tokenizer"):
-        assert os.path.exists(os.path.join(run, name)), name
-    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    for key in ("loss", "loss_itc", "loss_mlm", "loss_itm", "logit_scale", "alpha", "lr", "samples_per_s"):
-        assert all(math.isfinite(r[key]) for r in rows), key
+    run, rows, metrics = smoke_run("albef_fusion.py", tiny_albef(tmp_path), tmp_path,
+                                   ("loss", "loss_itc", "loss_mlm", "loss_itm", "logit_scale", "alpha", "lr",
+                                    "samples_per_s"))
     assert all(r["loss"] == pytest.approx(r["loss_itc"] + r["loss_mlm"] + r["loss_itm"], rel=1e-5) for r in rows)
     assert [r["alpha"] for r in rows] == pytest.approx([0.4 / 3, 0.4, 0.4])   # the α seen by steps 2, 4, 6
-    metrics = json.load(open(os.path.join(run, "metrics.json")))
     for key in ("retrieval/t2i_R@1", "retrieval_itm/i2t_R@1", "retrieval_itm/t2i_R@10", "retrieval_itm/rsum"):
         assert 0 <= metrics[key] <= 600, key
     assert metrics["zeroshot/shape/n_classes"] == 8
-    out = subprocess.run([sys.executable, "eval.py", run, "--save"], cwd=ROOT, check=True, timeout=300,
-                         capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}).stdout
-    assert os.path.basename(run) in out and "retrieval_itm/i2t_R@1" in out and "retrieval_itm/t2i_R@10" in out
-    again = json.load(open(os.path.join(run, "metrics_eval.json")))
-    for k in ("retrieval/i2t_R@1", "retrieval_itm/i2t_R@1", "retrieval_itm/t2i_R@5", "zeroshot/colour/top1"):
-        assert again[k] == pytest.approx(metrics[k], abs=1e-4), k
+    out = eval_cli_agrees(run, metrics, ("retrieval/i2t_R@1", "retrieval_itm/i2t_R@1", "retrieval_itm/t2i_R@5",
+                                         "zeroshot/colour/top1"))
+    assert "retrieval_itm/i2t_R@1" in out and "retrieval_itm/t2i_R@10" in out
 
 
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """6 steps straight, or 3 + resume to 6: bit-identical weights, momentum model, queues and losses (CPU)."""
-    straight = albef.main(tiny_albef(tmp_path / "a", "--max-eval", 16))
-    stopped = albef.main(tiny_albef(tmp_path / "b", "--stop-at", 3))
-    assert not os.path.exists(os.path.join(stopped, "metrics.json"))
-    resumed = albef.main(["--resume", os.path.join(stopped, "checkpoint.pt")])
-    assert resumed == stopped
-    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)
-    assert a["step"] == b["step"] == 6
-    assert any(k.startswith("visual_m.") for k in a["model"]) and "image_queue" in a["model"]
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    loss_a = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(straight, "log.jsonl")))}
-    loss_b = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(resumed, "log.jsonl")))}
-    assert sorted(loss_b) == [2, 3, 4, 6]
-    assert all(loss_a[s] == loss_b[s] for s in (2, 4, 6))
+    state = resume_is_exact(albef.main, tiny_albef, tmp_path)
+    assert any(k.startswith("visual_m.") for k in state) and "image_queue" in state
 
 
 def test_resume_rejects_another_scripts_checkpoint(tmp_path):

@@ -1,19 +1,14 @@
 """clip_base.py: the InfoNCE loss against a loop, L_con's composition, a smoke run, exact resume, eval.py."""
-import glob
 import json
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import clip_base
-from tiny import tiny_args
+from tiny import eval_cli_agrees, resume_is_exact, smoke_run, tiny_args, unit
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def nce_loop(a, b, tau):
@@ -24,10 +19,6 @@ def nce_loop(a, b, tau):
         den = sum(math.exp(float(a[j] @ b[k]) / tau) for k in range(len(b)))
         total += -math.log(num / den)
     return total / len(a)
-
-
-def unit(*shape, seed=0):
-    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64), dim=-1)
 
 
 def test_nce_matches_loop():
@@ -73,51 +64,21 @@ def test_args_help_lists_every_field(capsys):
     assert "--plain-clip" in out and "drop the intra-modal terms" in out and "--data-root" in out
 
 
-def run_dir_of(out):
-    dirs = glob.glob(os.path.join(out, "*"))
-    assert len(dirs) == 1, dirs
-    return dirs[0]
-
-
 @pytest.mark.slow
 def test_smoke_subprocess_and_eval_cli(tmp_path):
     """The script as a user runs it: outputs of DESIGN §3, then eval.py re-evaluates the saved run."""
-    subprocess.run([sys.executable, "clip_base.py", *tiny_args(tmp_path)], cwd=ROOT, check=True, timeout=300)
-    run = run_dir_of(tmp_path)
-    for name in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "tokenizer"):
-        assert os.path.exists(os.path.join(run, name)), name
-    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
-    assert [r["step"] for r in rows] == [2, 4, 6]
-    for key in ("loss", "loss_v2t", "loss_t2v", "loss_v2v", "loss_t2t", "logit_scale", "lr", "samples_per_s"):
-        assert all(math.isfinite(r[key]) for r in rows), key
-    metrics = json.load(open(os.path.join(run, "metrics.json")))
+    run, rows, metrics = smoke_run("clip_base.py", tiny_args(tmp_path), tmp_path,
+                                   ("loss", "loss_v2t", "loss_t2v", "loss_v2v", "loss_t2t", "logit_scale", "lr",
+                                    "samples_per_s"))
     assert 0 <= metrics["retrieval/t2i_R@10"] <= 100 and metrics["zeroshot/shape/n_classes"] == 8
-    out = subprocess.run([sys.executable, "eval.py", run, "--save"], cwd=ROOT, check=True, timeout=300,
-                         capture_output=True, text=True).stdout
-    assert os.path.basename(run) in out and "|" in out
-    again = json.load(open(os.path.join(run, "metrics_eval.json")))
-    # same checkpoint, same data, same protocol: the same numbers
-    for k in ("retrieval/i2t_R@1", "retrieval/t2i_R@10", "zeroshot/colour/top1", "structure/modality_gap"):
-        assert again[k] == pytest.approx(metrics[k], abs=1e-4), k
+    eval_cli_agrees(run, metrics, ("retrieval/i2t_R@1", "retrieval/t2i_R@10", "zeroshot/colour/top1",
+                                   "structure/modality_gap"))
 
 
 @pytest.mark.slow
 def test_resume_is_exact(tmp_path):
     """N steps, stop, resume to 2N gives bit-identical weights to 2N straight (CPU)."""
-    straight = clip_base.main(tiny_args(tmp_path / "a", "--steps", 6))
-    stopped = clip_base.main(tiny_args(tmp_path / "b", "--steps", 6, "--stop-at", 3))
-    assert not os.path.exists(os.path.join(stopped, "metrics.json"))
-    resumed = clip_base.main(["--resume", os.path.join(stopped, "checkpoint.pt")])
-    assert resumed == stopped
-    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)
-    assert a["step"] == b["step"] == 6
-    for k, v in a["model"].items():
-        assert torch.equal(v, b["model"][k]), k
-    loss_a = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(straight, "log.jsonl")))}
-    loss_b = {r["step"]: r["loss"] for r in map(json.loads, open(os.path.join(resumed, "log.jsonl")))}
-    assert sorted(loss_b) == [2, 3, 4, 6]  # the stop is logged too
-    assert all(loss_a[s] == loss_b[s] for s in (2, 4, 6))
+    resume_is_exact(clip_base.main, tiny_args, tmp_path)
 
 
 def test_bf16_autocast_on_cpu_gives_finite_losses(tmp_path):

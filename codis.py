@@ -1,0 +1,878 @@
+"""codis.py: CODIS, codebook learning with distillation (Duan et al., CVPR 2022; seed 001): albef_fusion.py plus
+a codebook shared by both modalities, fitted by optimal transport (IPOT), and intra-modal alignment terms.
+
+What CODIS adds to ALBEF. C holds K learnable unit vectors (codewords) in the E-dim space of z = g(·):
+    L_ica = ½[H(y^i2t, p^i2t) + H(y^t2i, p^t2i)] + ½[H(y^i2i, p^i2i) + H(y^t2t, p^t2t)]   ALBEF's L_itc + intra
+            (p^i2i(I) = softmax over [momentum batch ; image queue] of ⟨z_v, z_v^m'⟩ / τ, y^i2i distilled alike)
+    D_v = 1 − Z_v^m Cᵀ (N, K),  T_i2p = IPOT(D_v, μ = 1/N, ν = 1/K)     the teacher image plan; T_t2p from Z_t^m
+    L_ot(Z^m, C) = ⟨T, D⟩                                               gradient to the codebook only
+    P_t2p = softmax(Z_t Cᵀ / γ),  L_t2p = H(T_i2p, P_t2p)                  swapped: the text student predicts the
+    P_i2p = softmax(Z_v Cᵀ / γ),  L_i2p = H(T_t2p, P_i2p)                  image's plan and vice versa
+    L_code = L_ot(Z_v^m, C) + L_ot(Z_t^m, C) + L_t2p + L_i2p,    L = L_mlm + L_itm + L_ica + L_code
+
+CODIS readings (no public code exists; every choice below is ours and is checked in docs/results.md):
+- The slide's "Codebook Loss" line pairs L_t2p with T_t2p, its equation (2) with T_i2p: we follow equation (2),
+  the swap that makes each modality's teacher supervise the other modality's student (SwAV across modalities).
+- H(T, P) = −Σ_k T̂_jk log P_jk with the plan's rows renormalized to distributions (T̂ = N·T for μ = 1/N).
+- The slide writes γ in both the codebook softmax and p^i2t; in p^i2t etc. it plays ALBEF's τ (learned), and
+  only the codebook's γ is a separate flag. i2i / t2t contrast an input with its own momentum feature (one
+  view, as ALBEF's loader gives; TCL uses two augmented views).
+- C is normalized in the forward pass (unit codewords); the plans see no gradient (IPOT under no_grad, fp32).
+- K = 128 (2× the 64 colour×shape objects of the synthetic benchmark), γ = 0.1 (SwAV's temperature), IPOT
+  β = 0.5, 50 outer steps, 1 inner step (IPOT's reference values), all loss weights 1 (the slide's sum).
+
+The ALBEF part. A ViT encodes the image into tokens v = (v_cls, v_1..v_P); the first layers of a BERT encode
+the text alone into w = (w_cls, w_1..w_L); the last layers of the same BERT, each with an added
+cross-attention to the image tokens, are the fusion encoder. g_v, g_w are linear projections to a shared
+E-dim space followed by L2 normalization; the primed g'_v, g'_w and every other primed/_m quantity come
+from the momentum model, a copy of the encoders, projections and MLM head that never sees the optimizer:
+
+    θ_m ← m θ_m + (1 − m) θ                                   after every step (the reference's m = 0.995)
+
+ITC (image-text contrastive) against momentum features [this batch ; queue of the M most recent]:
+    s(I, T_m) = ⟨g_v(v_cls), g'_w(w'_cls)⟩ / τ           s(T, I_m) = ⟨g_w(w_cls), g'_v(v'_cls)⟩ / τ
+    p^i2t_m(I) = exp(s(I, T_m)) / Σ_{m'} exp(s(I, T_m'))   (and p^t2i likewise; m runs over N + M entries)
+    y^i2t = α·softmax(s_m(I, ·)) + (1 − α)·onehot            (momentum distillation; s_m from the momentum
+                                                               model, α = 0.4 ramped up from 0)
+    L_itc = ½ E[ H(y^i2t, p^i2t) + H(y^t2i, p^t2i) ],  H(y, p) = −Σ_m y_m log p_m
+MLM (masked language modelling), predicted by the fusion encoder from the masked text T̂ and the image:
+    L_mlm = (1 − α)·H(y^msk, p^msk(I, T̂)) + α·H(p^msk_m(I, T̂), p^msk(I, T̂))     (at the masked tokens)
+ITM (image-text matching) on the fusion [CLS], a 2-way linear head, with hard negatives: for every text
+one negative image and for every image one negative text, drawn from the in-batch ITC softmax:
+    L_itm = E[ H(y^itm, p^itm(I, T)) ]     over the N positive and 2N negative pairs (labels 1, 0, 0)
+    L = L_itc + L_mlm + L_itm                                     (CODIS: L_itc becomes L_ica, + L_code)
+
+Readings where the slides are short (and what the reference code does):
+- ITC's in-batch positives are momentum features too: online features are contrasted against
+  [momentum batch ; queue], as in the reference code; the queue starts as random unit vectors.
+- MLM masks 15% of the tokens except [PAD], [CLS] and [SEP] (BERT's rule; the reference also masks
+  [SEP], a token the model learns to predict from the padding alone); of those 80% [MASK], 10% a random
+  vocabulary id, 10% kept. The distillation target is the momentum model's softmax at the same positions.
+- Hard negatives use the online-vs-momentum similarities s(I, T_m) of this batch; weights are
+  softmax(s) + 1e-4 (the constant after the softmax keeps every row samplable), then the positive and any
+  other caption of the same image in the batch are zeroed.
+- itm_score(images, texts) = logit_match − logit_no_match (the log-odds of "match").
+- τ is learned directly (not as a log scale), clamped to [0.001, 0.5] after every step, as in the reference.
+
+Reference values (ViT-B/16 + BERT-base, 14M images): E = 256, M = 65,536, m = 0.995, α = 0.4 ramped over the
+first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU). The CPU default trains everything
+from scratch in a few minutes, and these of its choices were measured on the synthetic benchmark:
+- the small ViT embeds each 8×8 patch with a small CNN (a "conv stem": the ViT paper's hybrid, Xiao et al. 2021)
+  instead of one linear map: a linear-patch ViT (patch 4, 64 tokens) learned colour but no shape at this budget,
+  and 16 tokens make every image-side step (and the cross-attention) cheaper (--vit-stem linear --vit-patch 4
+  gives the plain ViT);
+- M = 256 (2 batches): encoders trained from scratch move fast, so old queue entries are stale negatives;
+  M = 1,024 gave t2i R@10 35% against 72% with M = 256 (400 steps of 128, 300 test images);
+- m = 0.99 and α ramped over 100 steps: the whole run is shorter than one epoch; E = 128;
+- linear weights start at N(0, 1/fan_in), not BERT's N(0, 0.02) (see init_weights: with 0.02 at width 128 every
+  caption starts with the same [CLS] feature and ITC against the queue never took off).
+
+Run it:  python codis.py                          (synthetic benchmark, CPU, about 4 minutes)
+         python codis.py --data karpathy --data-root DIR --vision vit_b_16 --pretrained-vision \
+             --text-model bert-base-uncased --tokenizer bert-base-uncased --text-layers 6 --image-size 256 \
+             --embed-dim 256 --queue-size 65536 --momentum 0.995 --alpha-ramp -1 --lr 1e-4 --weight-decay 0.02 \
+             --batch-size 64 --precision bf16 --itm-k 128
+Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
+"""
+# ============================== boilerplate: imports =========================================
+import copy
+import json
+import math
+import os
+import random
+import resource
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from tqdm import tqdm
+
+import data
+import eval as ev
+
+
+# ============================== flags ========================================================
+@dataclass
+class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size, ...) live in data.py
+    exp_name: str = "codis"
+    """name of the run (first part of the output folder)"""
+    seed: int = 1
+    """seed of the model initialization, the batch order, the masking and the negative sampling"""
+    device: str = "auto"
+    """auto (cuda > mps > cpu), cpu, cuda, cuda:1, mps"""
+    precision: str = "fp32"
+    """fp32 | bf16 | fp16 (autocast; a gradient scaler only for fp16)"""
+    compile: bool = False
+    """torch.compile every transformer layer"""
+    torch_deterministic: bool = True
+    """cudnn.deterministic (bit-exact resume on GPU; a little slower)"""
+    out: str = "runs"
+    """parent folder of the run folder"""
+    resume: str = ""
+    """path of a checkpoint.pt to continue exactly where it stopped"""
+    stop_at: int = 0
+    """stop at this step with a checkpoint, as a preempted job would (0 = run to the end)"""
+    steps: int = 450
+    """optimizer steps"""
+    epochs: float = 0.0
+    """if > 0: train for this many passes over the training images instead of --steps"""
+    batch_size: int = 128
+    """image-text pairs per step (N)"""
+    lr: float = 1e-3
+    """peak learning rate of AdamW (linear warm-up, cosine decay to 0; the reference: 1e-4 from pretrained)"""
+    warmup: int = 30
+    """warm-up steps"""
+    weight_decay: float = 0.05
+    """AdamW weight decay on matrices (not on biases, norms, temperature; the reference: 0.02)"""
+    log_every: int = 20
+    """steps between log.jsonl lines"""
+    save_every: int = 0
+    """steps between checkpoints (0 = only at the end or at --stop-at)"""
+    vision: str = "vit"
+    """image encoder: vit (small, from scratch, sized by --vit-*) or torchvision's vit_b_16 / vit_b_32 / vit_l_16"""
+    pretrained_vision: bool = False
+    """load the torchvision ImageNet weights of --vision (needs the network once)"""
+    vit_patch: int = 8
+    """small ViT: patch size in pixels (32 px / 8 = 4×4 = 16 patch tokens, plus [CLS])"""
+    vit_stem: str = "conv"
+    """small ViT: linear (one linear map per patch, as in ViT) or conv (a small CNN down to the same patch grid)"""
+    vit_width: int = 128
+    """small ViT: token width"""
+    vit_depth: int = 3
+    """small ViT: transformer blocks"""
+    vit_heads: int = 4
+    """small ViT: attention heads"""
+    text_model: str = ""
+    """BERT: '' = a small one from scratch, or a Hugging Face name / local folder (bert-base-uncased)"""
+    text_layers: int = 2
+    """BERT layers that encode the text alone; the rest are the fusion encoder (the reference: 6 of 12)"""
+    fusion_layers: int = 1
+    """small BERT: fusion layers (with cross-attention) after the text layers; a pretrained BERT uses the rest"""
+    text_width: int = 128
+    """small BERT: hidden size"""
+    text_heads: int = 4
+    """small BERT: attention heads"""
+    dropout: float = 0.0
+    """dropout in the BERT layers (BERT and the reference: 0.1)"""
+    embed_dim: int = 128
+    """dimension of the shared ITC embedding (the reference: 256)"""
+    queue_size: int = 256
+    """M, momentum features kept per modality; a multiple of --batch-size (the reference: 65,536)"""
+    momentum: float = 0.99
+    """m of the momentum model's update θ_m ← m θ_m + (1 − m) θ (the reference: 0.995)"""
+    alpha: float = 0.4
+    """α, weight of the momentum model's pseudo-targets in ITC and MLM"""
+    alpha_ramp: int = 100
+    """steps over which α rises linearly from 0 (-1 = the first epoch, the reference's schedule; 0 = no ramp)"""
+    temp: float = 0.07
+    """initial temperature τ (learned, clamped to [0.001, 0.5])"""
+    mlm_prob: float = 0.15
+    """fraction of the text tokens masked for MLM"""
+    itm_k: int = 16
+    """retrieval evaluation: ITC candidates per query reranked by ITM (the reference: 256 COCO, 128 Flickr)"""
+    codebook_size: int = 128
+    """K, codewords (2× the 64 colour×shape objects; the seed's ablation: 500 worse than 3K at 4M images)"""
+    code_temp: float = 0.1
+    """γ of P = softmax(z Cᵀ / γ) (SwAV's temperature; no public CODIS code fixes it)"""
+    ipot_beta: float = 0.5
+    """β of IPOT's kernel A = exp(−D/β) (IPOT's reference value)"""
+    ipot_outer: int = 50
+    """IPOT outer (proximal point) steps (IPOT's reference value)"""
+    ipot_inner: int = 1
+    """IPOT inner scaling steps per outer step (IPOT's reference value)"""
+    plan_features: str = "teacher"
+    """features the transport plans come from: teacher (momentum, CODIS) or student (the seed's ablation)"""
+    intra: bool = True
+    """the intra-modal terms i2i, t2t of L_ica (--no-intra: cross-modal only, the seed's ablation row a)"""
+    pool: str = "cls"
+    """unimodal feature for ITC and the contract: cls ([CLS] token, the reference) or mean (of the real tokens)"""
+
+
+# ============================== model (boilerplate: attention, ViT, BERT) ====================
+class Attention(nn.Module):
+    """Multi-head attention of the queries x over the keys/values y: y = x is self-attention, y = image tokens
+    cross-attention. Bidirectional: key_mask (N, Lk) only hides padding; there is no causal mask anywhere."""
+
+    def __init__(self, width, heads, kv_width=None):
+        super().__init__()
+        self.heads = heads
+        self.q, self.o = nn.Linear(width, width), nn.Linear(width, width)
+        self.k, self.v = nn.Linear(kv_width or width, width), nn.Linear(kv_width or width, width)
+
+    def forward(self, x, y=None, key_mask=None):  # x (N, Lq, D), y (N, Lk, Dk), key_mask (N, Lk) 1 = real token
+        y = x if y is None else y
+        n, lq, d = x.shape
+        split = lambda t: t.view(n, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731 (N, h, L, D/h)
+        mask = None if key_mask is None else key_mask[:, None, None, :].bool()         # (N, 1, 1, Lk)
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(y)), split(self.v(y)), attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(n, lq, d))                           # (N, Lq, D)
+
+
+def mlp(width, hidden):
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block of a ViT: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width, eps=1e-6), Attention(width, heads)
+        self.norm2, self.mlp = nn.LayerNorm(width, eps=1e-6), mlp(width, 4 * width)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Image → P patches → P tokens (one linear map per patch, or a small CNN per patch grid cell) → [CLS]
+    prepended → transformer blocks → (N, 1+P, width)."""
+
+    def __init__(self, image_size, patch, width, depth, heads, stem="linear"):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"--image-size {image_size} is not a multiple of the ViT patch size {patch}")
+        self.patch, self.width, n_patches = patch, width, (image_size // patch) ** 2
+        if stem == "linear":
+            self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)  # a linear map of each p×p×3 patch
+        else:  # conv: log2(p) stages of two 3×3 convolutions (the first with stride 2), then 1×1: same token grid
+            chans, layers = [3] + [32 * 2 ** k for k in range(int(math.log2(patch)))], []
+            for cin, cout in zip(chans, chans[1:]):
+                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                           nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+
+    def forward(self, images):                                   # (N, 3, H, W)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, width): one token per patch
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed  # (N, 1+P, width)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)                                      # token 0 is [CLS]
+
+
+class BertLayer(nn.Module):
+    """Post-norm BERT layer: self-attention, [cross-attention to the image tokens: fusion layers only], MLP."""
+
+    def __init__(self, width, heads, intermediate, dropout=0.0, image_width=None):
+        super().__init__()
+        self.self_attn, self.norm1 = Attention(width, heads), nn.LayerNorm(width, eps=1e-12)
+        self.cross_attn = Attention(width, heads, kv_width=image_width) if image_width else None
+        self.norm_cross = nn.LayerNorm(width, eps=1e-12) if image_width else None
+        self.mlp, self.norm2, self.drop = mlp(width, intermediate), nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
+
+    def forward(self, h, mask, image=None):  # h (N, L, W), mask (N, L), image (N, 1+P, Wv)
+        h = self.norm1(h + self.drop(self.self_attn(h, key_mask=mask)))   # every token sees every real token
+        if self.cross_attn is not None:
+            h = self.norm_cross(h + self.drop(self.cross_attn(h, image)))  # every text token sees every image token
+        return self.norm2(h + self.drop(self.mlp(h)))
+
+
+class Bert(nn.Module):
+    """One BERT, split in two: text_layers encode the text alone, then fusion_layers (with cross-attention
+    to the image) fuse it with the image. The MLM head (tied to the word embeddings) reads the fusion output."""
+
+    def __init__(self, vocab_size, width, heads, text_layers, fusion_layers, image_width, max_positions=64,
+                 intermediate=None, dropout=0.0):
+        super().__init__()
+        intermediate = intermediate or 4 * width
+        self.word_emb, self.pos_emb = nn.Embedding(vocab_size, width), nn.Embedding(max_positions, width)
+        self.emb_norm, self.emb_drop = nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
+        self.text_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout) for _ in range(text_layers))
+        self.fusion_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout, image_width)
+                                           for _ in range(fusion_layers))
+        self.mlm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=1e-12))
+        self.mlm_decoder = nn.Linear(width, vocab_size)
+        self.mlm_decoder.weight = self.word_emb.weight  # tied, as in BERT
+
+    def encode_text(self, ids, mask):  # (N, L) -> (N, L, W): the text encoder, text only
+        h = self.emb_drop(self.emb_norm(self.word_emb(ids) + self.pos_emb.weight[:ids.shape[1]]))
+        for layer in self.text_layers:
+            h = layer(h, mask)
+        return h
+
+    def fuse(self, h, mask, image):  # text states (N, L, W) + image tokens (N, 1+P, Wv) -> (N, L, W)
+        for layer in self.fusion_layers:
+            h = layer(h, mask, image)
+        return h
+
+    def mlm_logits(self, h):  # (..., W) -> (..., vocab)
+        return self.mlm_decoder(self.mlm_transform(h))
+
+
+def init_weights(module):
+    """N(0, 1/fan_in) linear weights (LeCun), N(0, 0.02) embeddings, zero biases; LayerNorms stay at 1, 0.
+
+    Not BERT's N(0, 0.02) everywhere: that suits width 768 (0.02·√768 ≈ 0.55 gain per layer), but at width 128
+    every attention output is ~20× smaller than the residual stream, so the [CLS] state barely depends on the
+    other tokens and all captions start with the same ITC feature; against a queue ITC then never takes off
+    (measured). With 1/fan_in the small encoders start where BERT-base does. Pretrained weights overwrite it.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+# ============================== model (boilerplate: pretrained weights) ======================
+TV_VITS = {"vit_b_16": (16, 768, 12, 12), "vit_b_32": (32, 768, 12, 12), "vit_l_16": (16, 1024, 24, 16),
+           "vit_l_32": (32, 1024, 24, 16)}  # torchvision name -> (patch, width, depth, heads)
+
+
+def load_torchvision_vit(vit, tv_state):
+    """Copy a torchvision VisionTransformer state dict into our ViT (position grid resized if needed)."""
+    sd = {"patch_embed.weight": tv_state["conv_proj.weight"], "patch_embed.bias": tv_state["conv_proj.bias"],
+          "cls_token": tv_state["class_token"], "norm.weight": tv_state["encoder.ln.weight"],
+          "norm.bias": tv_state["encoder.ln.bias"]}
+    pos = tv_state["encoder.pos_embedding"]                              # (1, 1+G*G, width)
+    g_old, g_new = math.isqrt(pos.shape[1] - 1), math.isqrt(vit.pos_embed.shape[1] - 1)
+    grid = pos[:, 1:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)  # (1, width, G, G)
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    sd["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)], 1)
+    for i in range(len(vit.blocks)):
+        src, dst = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.o", "self_attention.out_proj"),
+                     ("mlp.0", "mlp.0"), ("mlp.2", "mlp.3")):
+            for t in ("weight", "bias"):
+                sd[f"{dst}{a}.{t}"] = tv_state[f"{src}{b}.{t}"]
+        for t in ("weight", "bias"):  # torchvision packs q, k, v into one in_proj
+            for name, part in zip("qkv", tv_state[f"{src}self_attention.in_proj_{t}"].chunk(3)):
+                sd[f"{dst}attn.{name}.{t}"] = part
+    vit.load_state_dict(sd)
+
+
+def build_vision(args):
+    if args.vision == "vit":
+        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads, args.vit_stem)
+        init_weights(vit)
+        return vit
+    if args.vision not in TV_VITS:
+        raise ValueError(f"--vision {args.vision!r}: choose vit or one of {', '.join(TV_VITS)}")
+    vit = ViT(args.image_size, *TV_VITS[args.vision])
+    init_weights(vit)
+    if args.pretrained_vision:
+        import torchvision
+        try:
+            tv = getattr(torchvision.models, args.vision)(weights="DEFAULT")
+        except Exception as e:  # noqa: BLE001 - no network
+            raise RuntimeError(f"could not load the torchvision weights of {args.vision!r}: {e}. Without the "
+                               f"network, put the weights file in $TORCH_HOME/hub/checkpoints/ or drop "
+                               f"--pretrained-vision.") from e
+        load_torchvision_vit(vit, tv.state_dict())
+    return vit
+
+
+def load_hf_bert(bert, hf_state):
+    """Copy a Hugging Face BertForMaskedLM state dict into our Bert: layer i < text_layers goes to the text
+    encoder, the rest to the fusion encoder (whose cross-attentions stay freshly initialized, as in ALBEF)."""
+    p = "bert.embeddings."
+    # BERT adds token_type_embeddings[0] to every token of a single sentence: fold it into the positions
+    sd = {"word_emb.weight": hf_state[p + "word_embeddings.weight"],
+          "pos_emb.weight": hf_state[p + "position_embeddings.weight"]
+          + hf_state[p + "token_type_embeddings.weight"][0],
+          "emb_norm.weight": hf_state[p + "LayerNorm.weight"], "emb_norm.bias": hf_state[p + "LayerNorm.bias"]}
+    for i in range(len(bert.text_layers) + len(bert.fusion_layers)):
+        dst = f"text_layers.{i}." if i < len(bert.text_layers) else f"fusion_layers.{i - len(bert.text_layers)}."
+        for a, b in (("self_attn.q", "attention.self.query"), ("self_attn.k", "attention.self.key"),
+                     ("self_attn.v", "attention.self.value"), ("self_attn.o", "attention.output.dense"),
+                     ("norm1", "attention.output.LayerNorm"), ("mlp.0", "intermediate.dense"),
+                     ("mlp.2", "output.dense"), ("norm2", "output.LayerNorm")):
+            for t in ("weight", "bias"):
+                sd[f"{dst}{a}.{t}"] = hf_state[f"bert.encoder.layer.{i}.{b}.{t}"]
+    head = {"mlm_transform.0": "transform.dense", "mlm_transform.2": "transform.LayerNorm"}
+    for a, b in head.items():
+        for t in ("weight", "bias"):
+            sd[f"{a}.{t}"] = hf_state[f"cls.predictions.{b}.{t}"]
+    sd["mlm_decoder.bias"] = hf_state["cls.predictions.bias"]
+    missing, unexpected = bert.load_state_dict(sd, strict=False)
+    assert not unexpected and all(".cross_attn." in k or ".norm_cross." in k or k == "mlm_decoder.weight"
+                                  for k in missing), (missing, unexpected)
+
+
+def build_bert(args, vocab_size, image_width):
+    if not args.text_model:
+        bert = Bert(vocab_size, args.text_width, args.text_heads, args.text_layers, args.fusion_layers, image_width,
+                    max(64, args.max_len), dropout=args.dropout)
+        init_weights(bert)
+        return bert
+    from transformers import BertForMaskedLM
+    try:
+        hf = BertForMaskedLM.from_pretrained(args.text_model)
+    except OSError as e:
+        raise OSError(f"text model {args.text_model!r} not found ({e}): give a local folder "
+                      f"(save_pretrained output) or download it once with network access.") from e
+    c = hf.config
+    if not 0 < args.text_layers < c.num_hidden_layers:
+        raise ValueError(f"--text-layers {args.text_layers}: {args.text_model} has {c.num_hidden_layers} layers; "
+                         f"keep at least one for the fusion encoder")
+    bert = Bert(c.vocab_size, c.hidden_size, c.num_attention_heads, args.text_layers,
+                c.num_hidden_layers - args.text_layers, image_width, c.max_position_embeddings, c.intermediate_size,
+                args.dropout)
+    init_weights(bert)
+    load_hf_bert(bert, hf.state_dict())
+    return bert
+
+
+# ============================== model (ALBEF) ================================================
+class CODIS(nn.Module):
+    def __init__(self, args, tokenizer):
+        super().__init__()
+        # ---- online model: trained by the optimizer
+        self.visual = build_vision(args)                                          # image encoder (ViT)
+        self.bert = build_bert(args, len(tokenizer), self.visual.width)            # text encoder + fusion encoder
+        width = self.bert.word_emb.embedding_dim
+        self.vision_proj = nn.Linear(self.visual.width, args.embed_dim)          # g_v
+        self.text_proj = nn.Linear(width, args.embed_dim)                        # g_w
+        self.itm_head = nn.Linear(width, 2)                                      # fusion [CLS] -> (no match, match)
+        self.temp = nn.Parameter(torch.tensor(args.temp))                        # τ
+        self.codebook = nn.Parameter(F.normalize(torch.randn(args.codebook_size, args.embed_dim), dim=-1))  # C (K, E)
+        self.register_buffer("code_counts", torch.zeros(args.codebook_size))    # nearest-codeword counts, per log line
+        for m in (self.vision_proj, self.text_proj, self.itm_head):
+            init_weights(m)
+        # ---- momentum model: a copy of the encoders, projections and MLM head, never in the optimizer
+        self.visual_m, self.bert_m = copy.deepcopy(self.visual), copy.deepcopy(self.bert)
+        self.vision_proj_m, self.text_proj_m = copy.deepcopy(self.vision_proj), copy.deepcopy(self.text_proj)
+        for p in self.momentum_parameters():
+            p.requires_grad_(False)
+        # ---- the queues of momentum features (rows, oldest overwritten first), random unit vectors at start
+        self.register_buffer("image_queue", F.normalize(torch.randn(args.queue_size, args.embed_dim), dim=-1))
+        self.register_buffer("text_queue", F.normalize(torch.randn(args.queue_size, args.embed_dim), dim=-1))
+        self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
+        self.special_ids = [i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
+                            if i is not None]
+        self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
+        self.pooling = args.pool
+
+    def momentum_pairs(self):  # (online, momentum) modules of θ_m ← m θ_m + (1 − m) θ
+        return [(self.visual, self.visual_m), (self.bert, self.bert_m), (self.vision_proj, self.vision_proj_m),
+                (self.text_proj, self.text_proj_m)]
+
+    def momentum_parameters(self):
+        return [p for _, m in self.momentum_pairs() for p in m.parameters()]
+
+    def pool(self, h, mask=None):  # tokens (N, L, D) -> (N, D): [CLS] (the reference) or the mean of the real tokens
+        if self.pooling == "cls":
+            return h[:, 0]
+        mask = h.new_ones(h.shape[:2]) if mask is None else mask.to(h.dtype)
+        return (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+
+    # ---- the shared contract (eval.py): unimodal features, and the ITM score of fused pairs
+    def encode_image(self, images):  # (N, 3, H, W) -> g_v(v_cls) (N, E), unit norm
+        return F.normalize(self.vision_proj(self.pool(self.visual(images))), dim=-1)
+
+    def encode_text(self, input_ids, attention_mask):  # (N, L) -> g_w(w_cls) (N, E), unit norm
+        return F.normalize(self.text_proj(self.pool(self.bert.encode_text(input_ids, attention_mask), attention_mask)),
+                           dim=-1)
+
+    def itm_score(self, images, input_ids, attention_mask):  # (N,) logit_match − logit_no_match of each pair
+        # each distinct image is encoded once (eval.py sends the pairs sorted by image: few distinct per batch)
+        uniq, inverse = torch.unique(images.flatten(1), dim=0, return_inverse=True)
+        image = self.visual(uniq.view(-1, *images.shape[1:]))[inverse]                    # (N, 1+P, Wv)
+        h = self.bert.fuse(self.bert.encode_text(input_ids, attention_mask), attention_mask, image)  # (N, L, W)
+        logits = self.itm_head(h[:, 0])                                                    # (N, 2)
+        return logits[:, 1] - logits[:, 0]
+
+
+def build_model(args, tokenizer):
+    return CODIS(args, tokenizer)
+
+
+# ============================== losses (the method) ==========================================
+@torch.no_grad()
+def momentum_update(pairs, m):
+    """θ_m ← m θ_m + (1 − m) θ for every (online, momentum) module pair."""
+    for online, momentum in pairs:
+        for p, p_m in zip(online.parameters(), momentum.parameters()):
+            # θ_m ← m θ_m + (1 − m) θ
+            p_m.mul_(m).add_(p.detach(), alpha=1 - m)
+
+
+def check_queue(queue_size, batch_size):
+    if queue_size % batch_size:
+        raise ValueError(f"--queue-size {queue_size} is not a multiple of --batch-size {batch_size}: each step "
+                         f"replaces the oldest {batch_size} entries, so the queue must hold a whole number of "
+                         f"batches (e.g. --queue-size {max(1, round(queue_size / batch_size)) * batch_size})")
+
+
+@torch.no_grad()
+def dequeue_and_enqueue(image_queue, text_queue, queue_ptr, image_feat_m, text_feat_m):
+    """FIFO queues as ring buffers (M, E): this batch's N momentum features overwrite the N oldest rows."""
+    n, ptr = len(image_feat_m), int(queue_ptr)
+    check_queue(len(image_queue), n)
+    image_queue[ptr:ptr + n] = image_feat_m        # rows ptr .. ptr+N−1 held the oldest features: dequeued
+    text_queue[ptr:ptr + n] = text_feat_m
+    queue_ptr.fill_((ptr + n) % len(image_queue))  # the next oldest; wraps around to 0 after M / N steps
+
+
+def distill_targets(s_m, alpha):
+    """Pseudo-targets of one direction: s_m (N, N+M) momentum similarities / τ; row j's positive is column j."""
+    onehot = torch.zeros_like(s_m)
+    onehot.fill_diagonal_(1)                               # (N, N+M), 1 at (j, j)
+    # y = α·softmax(s_m/τ) + (1 − α)·onehot
+    return alpha * F.softmax(s_m, dim=1) + (1 - alpha) * onehot
+
+
+def distilled_nce(z, z_m, keys, temp, alpha):
+    """One direction of ITC: online queries z (N, E) against keys (N+M, E) = [momentum batch ; queue], query j's
+    positive is key j; the soft targets come from the momentum queries z_m (N, E). Returns (H, s) with s (N, N+M)."""
+    with torch.no_grad():  # the momentum model's own similarities give the soft targets
+        y = distill_targets(z_m.float() @ keys.t() / temp, alpha)     # (N, N+M)
+    # s(I, T_m) = ⟨g_v(v_cls), g'_w(w'_cls)⟩ / τ   (or s(T, I_m) with the roles swapped)       (N, N+M)
+    s = z.float() @ keys.t() / temp
+    # H(y, p) = −Σ_m y_m log p_m,  p = softmax(s), averaged over the N queries
+    return -(y * F.log_softmax(s, 1)).sum(1).mean(), s.detach()
+
+
+def loss_itc(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha):
+    """L_itc of online features z (N, E) against [momentum batch ; queue] (N+M, E). Returns (loss, s_i2t, s_t2i)."""
+    temp = temp.float()
+    z_v_all = torch.cat([z_v_m.float(), image_queue.float()])     # (N+M, E) g'_v(v'_cls): this batch, then the queue
+    z_t_all = torch.cat([z_t_m.float(), text_queue.float()])      # (N+M, E) g'_w(w'_cls)
+    h_i2t, s_i2t = distilled_nce(z_v, z_v_m, z_t_all, temp, alpha)
+    h_t2i, s_t2i = distilled_nce(z_t, z_t_m, z_v_all, temp, alpha)
+    # L_itc = ½ [ H(y^i2t, p^i2t) + H(y^t2i, p^t2i) ]
+    return 0.5 * (h_i2t + h_t2i), s_i2t, s_t2i
+
+
+def loss_ica(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha, intra=True):
+    """L_ica: ALBEF's cross-modal L_itc plus the intra-modal i2i and t2t against the same queues (N+M keys each)."""
+    cross, s_i2t, s_t2i = loss_itc(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha)
+    if not intra:
+        return cross, s_i2t, s_t2i
+    z_v_all = torch.cat([z_v_m.float(), image_queue.float()])     # (N+M, E) momentum images: batch, then queue
+    z_t_all = torch.cat([z_t_m.float(), text_queue.float()])      # (N+M, E) momentum texts
+    h_i2i, _ = distilled_nce(z_v, z_v_m, z_v_all, temp.float(), alpha)
+    h_t2t, _ = distilled_nce(z_t, z_t_m, z_t_all, temp.float(), alpha)
+    # L_ica = ½[H(y^i2t, p^i2t) + H(y^t2i, p^t2i)] + ½[H(y^i2i, p^i2i) + H(y^t2t, p^t2t)]
+    return cross + 0.5 * (h_i2i + h_t2t), s_i2t, s_t2i
+
+
+@torch.no_grad()
+def ipot(cost, mu, nu, beta=0.5, n_outer=50, n_inner=1):
+    """Inexact proximal point optimal transport (Xie et al. 2019; the seed's Algorithm 2), general marginals.
+
+    cost D (N, K) ≥ 0, marginals mu (N,), nu (K,) of equal mass. Returns the plan T (N, K), T 1 = μ, Tᵀ 1 = ν, that
+    approaches argmin ⟨T, D⟩: each outer step is one Sinkhorn projection of A ⊙ T^(t), i.e. a proximal step
+    min ⟨T, D⟩ + β·KL(T ‖ T^(t)), so T converges to the exact optimum where Sinkhorn's plan stays blurred by β.
+    fp32 with autocast off. Each row of D is shifted by its minimum before exp: scaling a row of A is absorbed by
+    δ, so the plan is unchanged, and no row of A underflows. The slide's δ = μ / (n Q σ), σ = ν / (n Qᵀ δ) (μ, ν
+    probability vectors, n = N = K) are these updates with marginals μ/n, ν/n: its plan is ours / n, mass 1/n.
+    """
+    with torch.autocast(cost.device.type, enabled=False):
+        D, mu, nu = cost.float(), mu.float(), nu.float()
+        b = torch.full_like(nu, 1.0 / len(nu))                      # line 2: σ = 1/K · 1
+        T = torch.ones_like(D)                                      # line 2: T^(1) = 1 1ᵀ
+        A = torch.exp(-(D - D.min(1, keepdim=True).values) / beta)  # line 3: A_ij = exp(−D_ij / β), row-shifted
+        for _ in range(n_outer):                                    # line 4: for t = 1, 2, 3, ...
+            Q = T.mul_(A)                                           # line 5: Q = A ⊙ T^(t) (in place: T is done)
+            for _ in range(n_inner):                                # line 6: inner steps, σ warm-started
+                a = mu / (Q @ b)                                    # line 7: δ = μ / (Q σ)
+                b = nu / (a @ Q)                                    # line 7: σ = ν / (Qᵀ δ)
+            T = Q.mul_(a[:, None]).mul_(b)                          # line 9: T^(t+1) = diag(δ) Q diag(σ)
+    return T                                                        # line 11
+
+
+def swapped_prediction(z, codebook, plan, gamma):
+    """H(T̂, P) = −mean_j Σ_k T̂_jk log P_jk: student features z (N, E) of one modality predict the plan (N, K)
+    computed from the other modality; codebook (K, E) unit rows."""
+    target = plan / plan.sum(1, keepdim=True)                      # (N, K) rows renormalized to distributions
+    # P = SoftMax(Z Cᵀ / γ)                                                                     (N, K)
+    log_p = F.log_softmax(z.float() @ codebook.float().t() / gamma, dim=1)
+    return -(target * log_p).sum(1).mean()
+
+
+def loss_code(z_v, z_t, f_v, f_t, codebook, args):
+    """The terms of L_code: student features z (N, E), plan features f (N, E) (teacher or student), C (K, E)."""
+    n, k = len(f_v), len(codebook)
+    mu, nu = f_v.new_full((n,), 1 / n, dtype=torch.float32), f_v.new_full((k,), 1 / k, dtype=torch.float32)
+    # D = 1 − ⟨z, c⟩ (N, K): the features are fixed here, the gradient of ⟨T, D⟩ goes to the codebook
+    d_v, d_t = 1 - f_v.detach().float() @ codebook.t(), 1 - f_t.detach().float() @ codebook.t()
+    t_i2p = ipot(d_v, mu, nu, args.ipot_beta, args.ipot_outer, args.ipot_inner)   # (N, K) image plan
+    t_t2p = ipot(d_t, mu, nu, args.ipot_beta, args.ipot_outer, args.ipot_inner)   # (N, K) text plan
+    # L_ot = ⟨T, D⟩ for each modality; L_t2p = H(T_i2p, P_t2p) and L_i2p = H(T_t2p, P_i2p): the plans swapped
+    return {"ot_v": (t_i2p * d_v).sum(), "ot_t": (t_t2p * d_t).sum(),
+            "t2p": swapped_prediction(z_t, codebook, t_i2p, args.code_temp),
+            "i2p": swapped_prediction(z_v, codebook, t_t2p, args.code_temp)}
+
+
+def code_perplexity(counts):
+    """exp(entropy) of the nearest-codeword histogram: 1 = every feature on one codeword, K = all used equally."""
+    p = counts[counts > 0] / counts.sum()
+    return math.exp(-(p * p.log()).sum().item()) if len(p) else 0.0
+
+
+def mask_tokens(input_ids, vocab_size, mask_id, special_ids, prob=0.15):
+    """BERT masking: each real token is chosen with probability `prob`, never [PAD]/[CLS]/[SEP] (special_ids);
+    a chosen token becomes [MASK] (80%), a random id (10%) or stays (10%). Returns (masked ids, labels):
+    labels hold the original id at the chosen positions and −100 elsewhere. Draws from the global RNG."""
+    ids, labels = input_ids.clone(), input_ids.clone()                               # (N, L)
+    chosen = torch.rand(ids.shape, device=ids.device) < prob
+    chosen &= ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
+    labels[~chosen] = -100
+    r = torch.rand(ids.shape, device=ids.device)                                     # one draw decides 80/10/10
+    ids[chosen & (r < 0.8)] = mask_id
+    random_ids = torch.randint(vocab_size, ids.shape, device=ids.device)
+    to_random = chosen & (r >= 0.8) & (r < 0.9)
+    ids[to_random] = random_ids[to_random]
+    return ids, labels
+
+
+def loss_mlm(logits, logits_m, labels, alpha):
+    """logits, logits_m (K, V) of the online and momentum fusion encoders at the K masked tokens; labels (K,)."""
+    logits = logits.float()
+    # H(y^msk, p^msk): cross-entropy with the original tokens
+    ce = F.cross_entropy(logits, labels)
+    # H(p^msk_m, p^msk): cross-entropy with the momentum model's prediction
+    distill = -(F.softmax(logits_m.float(), -1) * F.log_softmax(logits, -1)).sum(-1).mean()
+    # L_mlm = (1 − α)·H(y^msk, p^msk) + α·H(p^msk_m, p^msk)
+    return (1 - alpha) * ce + alpha * distill
+
+
+@torch.no_grad()
+def hard_negatives(s_i2t, s_t2i, same=None, eps=1e-4):
+    """For each image a negative text and for each text a negative image, drawn ∝ in-batch softmax similarity.
+
+    s_i2t, s_t2i (N, N) in-batch similarities; same (N, N) bool, pairs that must never be drawn (default the
+    diagonal; the trainer passes 'same image'). Returns (neg_text_of_image (N,), neg_image_of_text (N,))."""
+    same = torch.eye(len(s_i2t), dtype=torch.bool, device=s_i2t.device) if same is None else same
+    # w_jk = softmax_k(s_jk) + ε (after the softmax: every row keeps mass), 0 for the positive(s)
+    w_i2t = (F.softmax(s_i2t.float(), dim=1) + eps).masked_fill(same, 0)
+    w_t2i = (F.softmax(s_t2i.float(), dim=1) + eps).masked_fill(same, 0)
+    return torch.multinomial(w_i2t, 1).squeeze(1), torch.multinomial(w_t2i, 1).squeeze(1)
+
+
+def loss_itm(itm_logits, n):
+    """itm_logits (3N, 2) of [N positives ; N (text, negative image) ; N (negative text, image)]."""
+    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(itm_logits.device)  # y^itm: 1, 0, 0
+    # L_itm = H(y^itm, p^itm(I, T))
+    return F.cross_entropy(itm_logits.float(), labels)
+
+
+def compute_losses(model, batch, args, alpha):
+    """One CODIS forward: every loss term (terms['loss'] is optimized); enqueues the momentum features."""
+    image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
+    n = len(image)
+    # ---- unimodal encoders: the image, and the text alone (first BERT layers)
+    v = model.visual(image)                                             # (N, 1+P, Wv) image tokens, v[:, 0] = [CLS]
+    w = model.bert.encode_text(ids, mask)                               # (N, L, W) text-only states
+    z_v = F.normalize(model.vision_proj(model.pool(v)), dim=-1)         # (N, E) g_v(v_cls)
+    z_t = F.normalize(model.text_proj(model.pool(w, mask)), dim=-1)     # (N, E) g_w(w_cls)
+    with torch.no_grad():  # the momentum model on the same inputs
+        v_m = model.visual_m(image)                                     # (N, 1+P, Wv)
+        z_v_m = F.normalize(model.vision_proj_m(model.pool(v_m)), dim=-1)                   # (N, E) g'_v(v'_cls)
+        z_t_m = F.normalize(model.text_proj_m(model.pool(model.bert_m.encode_text(ids, mask), mask)), dim=-1)
+
+    # ---- L_ica: cross- and intra-modal alignment against [momentum batch ; queue], with momentum distillation
+    terms = {}
+    terms["ica"], s_i2t, s_t2i = loss_ica(z_v, z_t, z_v_m, z_t_m, model.image_queue, model.text_queue, model.temp,
+                                          alpha, args.intra)
+
+    # ---- MLM: the fusion encoder (last BERT layers + cross-attention) predicts the masked tokens
+    masked_ids, labels = mask_tokens(ids, model.vocab_size, model.mask_id, model.special_ids, args.mlm_prob)
+    at = labels != -100                                                 # (N, L) the K masked positions
+    h = model.bert.fuse(model.bert.encode_text(masked_ids, mask), mask, v)          # (N, L, W)
+    with torch.no_grad():
+        h_m = model.bert_m.fuse(model.bert_m.encode_text(masked_ids, mask), mask, v_m)
+        logits_m = model.bert_m.mlm_logits(h_m[at])                     # (K, V)
+    terms["mlm"] = loss_mlm(model.bert.mlm_logits(h[at]), logits_m, labels[at], alpha)
+
+    # ---- ITM with hard negatives: N positive pairs, N (text, hard negative image), N (hard negative text, image)
+    same = batch["index"][:, None] == batch["index"][None, :]          # (N, N) same image: never a negative
+    neg_text, neg_image = hard_negatives(s_i2t[:, :n], s_t2i[:, :n], same)
+    h_itm = model.bert.fuse(torch.cat([w, w, w[neg_text]]), torch.cat([mask, mask, mask[neg_text]]),
+                            torch.cat([v, v[neg_image], v]))           # (3N, L, W)
+    terms["itm"] = loss_itm(model.itm_head(h_itm[:, 0]), n)
+
+    # ---- the codebook: transport plans from the teacher (or student) features, swapped prediction by the students
+    codebook = F.normalize(model.codebook, dim=-1)                     # (K, E) unit codewords
+    f_v, f_t = (z_v_m, z_t_m) if args.plan_features == "teacher" else (z_v, z_t)
+    terms.update(loss_code(z_v, z_t, f_v, f_t, codebook, args))
+    terms["code"] = terms["ot_v"] + terms["ot_t"] + terms["t2p"] + terms["i2p"]
+    with torch.no_grad():  # codebook health: each student feature's nearest codeword, counted until the next log
+        nearest = (torch.cat([z_v, z_t]).float() @ codebook.t()).argmax(1)
+        model.code_counts += torch.bincount(nearest, minlength=len(codebook))
+
+    # ---- after the loss: the momentum features replace the oldest queue entries
+    dequeue_and_enqueue(model.image_queue, model.text_queue, model.queue_ptr, z_v_m, z_t_m)
+    # L = L_mlm + L_itm + L_ica + L_code
+    terms["loss"] = terms["mlm"] + terms["itm"] + terms["ica"] + terms["code"]
+    return terms
+
+
+def alpha_at(step, args, steps_per_epoch):
+    """α ramped linearly from 0 over --alpha-ramp steps (-1: one epoch, as in the reference)."""
+    ramp = steps_per_epoch if args.alpha_ramp < 0 else args.alpha_ramp
+    return args.alpha * min(1.0, step / ramp) if ramp > 0 else args.alpha
+
+
+# ============================== boilerplate: optimizer, checkpoint ===========================
+def make_optimizer(model, args, device):
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the momentum model is excluded
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    total = args.steps
+
+    def schedule(step):  # linear warm-up, then cosine to 0
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def save_checkpoint(path, **state):
+    """Write atomically: a crash while saving never leaves a half-written checkpoint behind."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+# ============================== train loop ===================================================
+def main(argv=None):
+    args = data.parse_args(Args, argv)
+    script = os.path.splitext(os.path.basename(__file__))[0]
+    ckpt = None
+    if args.resume:
+        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
+        if ckpt.get("script") != script:
+            raise ValueError(f"{args.resume} was written by {ckpt.get('script')}.py, not {script}.py: "
+                             f"resume it with that script")
+        args = Args(**{**ckpt["args"], "resume": args.resume, "stop_at": args.stop_at})
+    check_queue(args.queue_size, args.batch_size)
+    if args.plan_features not in ("teacher", "student"):
+        raise ValueError(f"--plan-features {args.plan_features!r}: choose teacher or student")
+    random.seed(args.seed)
+    torch.manual_seed(args.seed)
+    torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    device = ev.pick_device(args.device)
+    if args.precision not in ev.PRECISIONS:
+        raise ValueError(f"--precision {args.precision!r}: choose one of {', '.join(ev.PRECISIONS)}")
+    amp_dtype = ev.PRECISIONS[args.precision]
+
+    # ---- data, tokenizer, model
+    train_set, suite = data.build_data(args)
+    tokenizer = data.build_tokenizer(args, train_set)
+    if args.epochs > 0:
+        args.steps = max(1, int(args.epochs * len(train_set) / args.batch_size))
+    model = build_model(args, tokenizer).to(device)
+    optimizer, scheduler = make_optimizer(model, args, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
+    step = 0
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        scheduler.load_state_dict(ckpt["scheduler"])
+        scaler.load_state_dict(ckpt["scaler"])
+        step = ckpt["step"]
+        set_rng_state(ckpt["rng"])
+        run_dir = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        run_dir = os.path.join(args.out, f"{args.exp_name}-{args.data}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "args.json"), "w") as f:
+            json.dump(asdict(args), f, indent=2)
+    tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+    if args.compile:  # in place, per layer: the state dict keeps its names
+        for m in model.modules():
+            if isinstance(m, (ViTBlock, BertLayer)):
+                m.compile()
+    loader = data.train_loader(train_set, tokenizer, args, args.batch_size, args.seed, start_step=step,
+                               second_view=False)
+    n_online, n_momentum = (sum(p.numel() for p in model.parameters() if p.requires_grad),
+                            sum(p.numel() for p in model.momentum_parameters()))
+    print(f"{script}: {n_online / 1e6:.2f}M trained parameters (+ {n_momentum / 1e6:.2f}M in the momentum copy), "
+          f"{len(train_set)} training images, {args.steps} steps of {args.batch_size} on {device} ({args.precision}) "
+          f"-> {run_dir}")
+
+    def checkpoint():
+        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step, args=asdict(args),
+                        rng=rng_state(), script=script)
+
+    # ---- the loop
+    model.train()
+    end = min(args.steps, args.stop_at) if args.stop_at else args.steps
+    steps_per_epoch = max(1, len(train_set) // args.batch_size)
+    log = open(os.path.join(run_dir, "log.jsonl"), "a")
+    bar = tqdm(total=end, initial=step, desc=script, dynamic_ncols=True)
+    t_log, t_start, last_step = time.perf_counter(), time.perf_counter(), step
+    for batch in loader:
+        if step >= end:
+            break
+        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        alpha = alpha_at(step, args, steps_per_epoch)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            terms = compute_losses(model, batch, args, alpha)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(terms["loss"]).backward()
+        scaler.step(optimizer)
+        scaler.update()
+        scheduler.step()
+        with torch.no_grad():  # τ ∈ [0.001, 0.5]
+            model.temp.clamp_(0.001, 0.5)
+        momentum_update(model.momentum_pairs(), args.momentum)  # θ_m ← m θ_m + (1 − m) θ
+        step += 1
+        bar.update(1)
+        if step % args.log_every == 0 or step == end:
+            now = time.perf_counter()
+            row = {"step": step, **{f"loss_{k}" if k != "loss" else k: v.item() for k, v in terms.items()},
+                   "logit_scale": 1 / model.temp.item(), "alpha": alpha, "lr": scheduler.get_last_lr()[0],
+                   "samples_per_s": args.batch_size * (step - last_step) / (now - t_log),
+                   "peak_mem_mib": peak_memory_mib(device), "codes_used": int((model.code_counts > 0).sum()),
+                   "code_perplexity": code_perplexity(model.code_counts)}
+            model.code_counts.zero_()
+            log.write(json.dumps(row) + "\n")
+            log.flush()
+            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
+            t_log, last_step = now, step
+        if args.save_every and step % args.save_every == 0:
+            checkpoint()
+    bar.close()
+    log.close()
+    checkpoint()
+    train_seconds = time.perf_counter() - t_start
+    if step < args.steps:
+        print(f"stopped at step {step} of {args.steps}; continue with --resume {run_dir}/checkpoint.pt")
+        return run_dir
+
+    # ---- final evaluation on the test split (eval.py: encode_image / encode_text, and itm_score to rerank)
+    metrics = ev.evaluate(model, tokenizer, suite, data.eval_transform(args.image_size), device, args.max_len,
+                          args.precision, itm_k=args.itm_k)
+    metrics.update({"train/steps": step, "train/seconds": train_seconds, "train/peak_mem_mib": peak_memory_mib(device)})
+    with open(os.path.join(run_dir, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(ev.comparison_table({os.path.basename(run_dir): metrics}))
+    return run_dir
+
+
+if __name__ == "__main__":
+    main()
