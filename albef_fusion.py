@@ -66,6 +66,7 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from tqdm import tqdm
 
 import data
@@ -85,6 +86,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """fp32 | bf16 | fp16 (autocast; a gradient scaler only for fp16)"""
     compile: bool = False
     """torch.compile every transformer layer"""
+    grad_checkpoint: bool = False
+    """recompute each transformer layer in the backward pass instead of storing its activations (less memory)"""
     torch_deterministic: bool = True
     """cudnn.deterministic (bit-exact resume on GPU; a little slower)"""
     out: str = "runs"
@@ -175,6 +178,13 @@ class Attention(nn.Module):
         return self.o(out.transpose(1, 2).reshape(n, lq, d))                           # (N, Lq, D)
 
 
+def run_layer(layer, *inputs, checkpointed=False):
+    """layer(*inputs); with --grad-checkpoint its activations are recomputed in the backward pass, not stored."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+    return layer(*inputs)
+
+
 def mlp(width, hidden):
     return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
@@ -213,12 +223,13 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)
         self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(depth))
         self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.grad_checkpoint = False
 
     def forward(self, images):                                   # (N, 3, H, W)
         x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, width): one token per patch
         x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed  # (N, 1+P, width)
         for block in self.blocks:
-            x = block(x)
+            x = run_layer(block, x, checkpointed=self.grad_checkpoint)
         return self.norm(x)                                      # token 0 is [CLS]
 
 
@@ -255,16 +266,17 @@ class Bert(nn.Module):
         self.mlm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=1e-12))
         self.mlm_decoder = nn.Linear(width, vocab_size)
         self.mlm_decoder.weight = self.word_emb.weight  # tied, as in BERT
+        self.grad_checkpoint = False
 
     def encode_text(self, ids, mask):  # (N, L) -> (N, L, W): the text encoder, text only
         h = self.emb_drop(self.emb_norm(self.word_emb(ids) + self.pos_emb.weight[:ids.shape[1]]))
         for layer in self.text_layers:
-            h = layer(h, mask)
+            h = run_layer(layer, h, mask, checkpointed=self.grad_checkpoint)
         return h
 
     def fuse(self, h, mask, image):  # text states (N, L, W) + image tokens (N, 1+P, Wv) -> (N, L, W)
         for layer in self.fusion_layers:
-            h = layer(h, mask, image)
+            h = run_layer(layer, h, mask, image, checkpointed=self.grad_checkpoint)
         return h
 
     def mlm_logits(self, h):  # (..., W) -> (..., vocab)
@@ -394,6 +406,7 @@ class ALBEF(nn.Module):
         # ---- online model: trained by the optimizer
         self.visual = build_vision(args)                                          # image encoder (ViT)
         self.bert = build_bert(args, len(tokenizer), self.visual.width)            # text encoder + fusion encoder
+        self.visual.grad_checkpoint = self.bert.grad_checkpoint = args.grad_checkpoint
         width = self.bert.word_emb.embedding_dim
         self.vision_proj = nn.Linear(self.visual.width, args.embed_dim)          # g_v
         self.text_proj = nn.Linear(width, args.embed_dim)                        # g_w
@@ -487,12 +500,13 @@ def distill_targets(s_m, alpha):
 def distilled_nce(z, z_m, keys, temp, alpha):
     """One direction of ITC: online queries z (N, E) against keys (N+M, E) = [momentum batch ; queue], query j's
     positive is key j; the soft targets come from the momentum queries z_m (N, E). Returns (H, s) with s (N, N+M)."""
-    with torch.no_grad():  # the momentum model's own similarities give the soft targets
-        y = distill_targets(z_m.float() @ keys.t() / temp, alpha)     # (N, N+M)
-    # s(I, T_m) = ⟨g_v(v_cls), g'_w(w'_cls)⟩ / τ   (or s(T, I_m) with the roles swapped)       (N, N+M)
-    s = z.float() @ keys.t() / temp
-    # H(y, p) = −Σ_m y_m log p_m,  p = softmax(s), averaged over the N queries
-    return -(y * F.log_softmax(s, 1)).sum(1).mean(), s.detach()
+    with torch.autocast(z.device.type, enabled=False):  # fp32 logits under bf16/fp16 autocast too
+        with torch.no_grad():  # the momentum model's own similarities give the soft targets
+            y = distill_targets(z_m.float() @ keys.float().t() / temp, alpha)     # (N, N+M)
+        # s(I, T_m) = ⟨g_v(v_cls), g'_w(w'_cls)⟩ / τ   (or s(T, I_m) with the roles swapped)       (N, N+M)
+        s = z.float() @ keys.float().t() / temp
+        # H(y, p) = −Σ_m y_m log p_m,  p = softmax(s), averaged over the N queries
+        return -(y * F.log_softmax(s, 1)).sum(1).mean(), s.detach()
 
 
 def loss_itc(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha):

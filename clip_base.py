@@ -286,7 +286,8 @@ def main(argv=None):
     if args.epochs > 0:
         args.steps = max(1, int(args.epochs * len(train_set) / args.batch_size))
     model = build_model(args, tokenizer).to(device)
-    if args.vision != "cnn" or device.type == "cuda":
+    channels_last = args.vision != "cnn" or device.type == "cuda"  # NHWC: faster convolutions (GPU tensor cores)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
@@ -326,6 +327,8 @@ def main(argv=None):
         if step >= end:
             break
         batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+        if channels_last:  # the images (N, 3, H, W) in the model's memory format
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
         with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
             terms = compute_losses(fwd_model, batch, args)
         optimizer.zero_grad(set_to_none=True)

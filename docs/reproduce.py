@@ -3,6 +3,9 @@
     python docs/reproduce.py synthetic                 # 5 two-tower methods x 3 seeds, default budget (CPU)
     python docs/reproduce.py flickr8k --data-root ../shared/data/flickr8k    # 5 methods x 1 seed
     python docs/reproduce.py theorem1                  # texture visibility sweep (Theorem 1)
+    python docs/reproduce.py fusion                    # ALBEF and CODIS x 3 seeds (issues 4, 5)
+    python docs/reproduce.py fusion-flickr8k           # ALBEF and CODIS on Flickr8k, 1 seed
+    python docs/reproduce.py codis-ablation            # codebook size, plan features, intra terms (seed 1)
     python docs/reproduce.py tables runs/results/synthetic                   # print the Markdown tables
     python docs/reproduce.py figures runs/results/synthetic                  # docs/latent_structure.png, curves
 
@@ -24,7 +27,17 @@ METHODS = {"CLIP (2-term)": ("clip_base.py", ["--plain-clip", "--exp-name", "cli
            "OURS_Sep": ("sep.py", ["--exp-name", "sep"]),
            "OURS_Br": ("bridge.py", ["--exp-name", "bridge"]),
            "OURS_GC": ("geocons.py", ["--exp-name", "geocons"])}
+# the fusion models (issues 4, 5), and CODIS's ablation (codebook size, plan features, intra-modal terms)
+FUSION = {"ALBEF": ("albef_fusion.py", ["--exp-name", "albef_fusion"]),
+          "CODIS": ("codis.py", ["--exp-name", "codis"])}
+CODIS_ABLATION = {"CODIS, K = 32": ("codis.py", ["--exp-name", "codis_k32", "--codebook-size", "32"]),
+                  "CODIS, K = 512": ("codis.py", ["--exp-name", "codis_k512", "--codebook-size", "512"]),
+                  "CODIS, student plans": ("codis.py", ["--exp-name", "codis_student", "--plan-features", "student"]),
+                  "CODIS, no i2i/t2t": ("codis.py", ["--exp-name", "codis_nointra", "--no-intra"])}
+LABELS = {extra[extra.index("--exp-name") + 1]: label
+          for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION}.items()}
 FLICKR = ["--data", "karpathy", "--image-size", "64", "--epochs", "5"]
+FLICKR_FUSION = [*FLICKR, "--vit-patch", "16"]  # 64 px / 16 = 4×4 tokens, as 32 px / 8 on the synthetic data
 
 
 def run(script, flags, out):
@@ -60,7 +73,7 @@ def cell(values, digits=1):
 
 def table(groups, title, columns, digits=1):
     """One Markdown table: a row per method, `columns` = [(header, metric key)], mean ± std over seeds."""
-    names = {extra[extra.index("--exp-name") + 1]: label for label, (_, extra) in METHODS.items()}
+    names = LABELS
     lines = [f"**{title}**", "", "| method | n | " + " | ".join(h for h, _ in columns) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
     order = [e for e in names if e in groups] + [e for e in groups if e not in names]
@@ -84,6 +97,10 @@ def tables(folder):
     out.append(table(groups, "Retrieval (%), 1,000 test images x 5 captions",
                      [(f"{d} R@{k}", f"retrieval/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
                      + [("rsum", "retrieval/rsum")]))
+    if "retrieval_itm/rsum" in keys:
+        out.append(table(groups, "Retrieval reranked by ITM (%): the top k ITC candidates of each query rescored",
+                         [(f"{d} R@{k}", f"retrieval_itm/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
+                         + [("rsum", "retrieval_itm/rsum")]))
     if probes:
         out.append(table(groups, "Linear probe, test accuracy (%)",
                          [(f"{p} ({f})", f"probe/{p}/{f}/acc") for p in probes for f in ("z", "z+zi")
@@ -125,7 +142,8 @@ def figures(folder, seed=1):
 
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "tables", "figures"])
+    p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "fusion", "fusion-flickr8k",
+                                    "codis-ablation", "tables", "figures"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--data-root", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
@@ -136,10 +154,16 @@ def main():
         experiment("flickr8k", [*FLICKR, "--data-root", a.data_root], a.seeds[:1])
     elif a.what == "theorem1":
         # the default contrast (0.18) is the `synthetic` experiment's seed-1 runs; this adds a fainter and a
-        # stronger texture for the methods that matter here
-        picked = {k: METHODS[k] for k in ("CLIP (2-term)", "L_con baseline", "OURS_Sep")}
+        # stronger texture for the two methods the theorem contrasts: aligned features alone, and separation
+        picked = {k: METHODS[k] for k in ("L_con baseline", "OURS_Sep")}
         for contrast in ("0.05", "0.5"):
             experiment(f"theorem1-contrast{contrast}", ["--synth-texture-contrast", contrast], a.seeds[:1], picked)
+    elif a.what == "fusion":
+        experiment("fusion", [], a.seeds, FUSION)
+    elif a.what == "fusion-flickr8k":
+        experiment("fusion-flickr8k", [*FLICKR_FUSION, "--data-root", a.data_root], a.seeds[:1], FUSION)
+    elif a.what == "codis-ablation":
+        experiment("codis-ablation", [], a.seeds[:1], CODIS_ABLATION)
     elif a.what == "figures":
         figures(a.folder, a.seeds[0])
     else:

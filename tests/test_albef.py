@@ -109,6 +109,22 @@ def test_momentum_model_is_not_trained_by_the_optimizer(tokenizer):
     assert any(not torch.equal(p, b) for p, b in zip(mom, before))
 
 
+def test_grad_checkpoint_gives_the_same_losses_and_gradients(tokenizer):
+    ids, mask = tokens(tokenizer, [f"a red {s}." for s in ["circle", "square", "star", "ring"] * 2])
+    batch = {"image": torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "input_ids": ids,
+             "attention_mask": mask, "index": torch.arange(8)}
+    out = []
+    for checkpointed in (False, True):
+        model, args = tiny_model(tokenizer, batch_size=8, queue_size=16, grad_checkpoint=checkpointed)
+        model.train()
+        torch.manual_seed(1)  # the same masking and negatives
+        terms = albef.compute_losses(model, batch, args, 0.4)
+        terms["loss"].backward()
+        out.append((terms["loss"].item(), [p.grad for p in model.parameters() if p.requires_grad]))
+    assert out[0][0] == pytest.approx(out[1][0], rel=1e-6)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(out[0][1], out[1][1]) if a is not None)
+
+
 # ----------------------------------------------------------------------------------------------
 # MLM masking
 # ----------------------------------------------------------------------------------------------
@@ -210,6 +226,15 @@ def test_loss_itc_matches_loop():
                   + distilled_nce_loop(z_t, z_t_m, list(z_v_m) + list(q_img), tau, alpha))
     assert loss.item() == pytest.approx(want, rel=1e-5)
     assert s_i2t.shape == (n, n + m)
+
+
+def test_loss_itc_is_fp32_under_autocast():
+    z_v, z_t, z_v_m, z_t_m, q_img, q_txt = (unit(4 if s < 4 else 8, 16, seed=s).float() for s in range(6))
+    temp = torch.tensor(0.07)
+    want, _, _ = albef.loss_itc(z_v, z_t, z_v_m, z_t_m, q_img, q_txt, temp, 0.4)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got, s_i2t, _ = albef.loss_itc(z_v, z_t, z_v_m, z_t_m, q_img, q_txt, temp, 0.4)
+    assert got.dtype == s_i2t.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
 def test_loss_mlm_and_itm_match_formulas():

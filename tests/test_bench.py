@@ -8,11 +8,11 @@ import pytest
 import torch
 
 import bench
-from tiny import TINY
+from tiny import TINY, TINY_ALBEF
 
-# tiny.TINY's sizes (later flags win: 1 warm-up + 2 timed steps per row), plus the fusion scripts' own sizes
-TINY_BENCH = [*TINY, "--fusion-flags=--vit-width 32 --vit-depth 1 --vit-heads 2 --queue-size 32",
-              "--steps", "2", "--warmup", "1"]
+# the other tests' tiny sizes (each flag reaches the scripts that have it; later flags win, so bench.py's
+# --steps/--warmup become 2 timed steps after 1 warm-up per row)
+TINY_BENCH = [*TINY, *TINY_ALBEF, "--steps", "2", "--warmup", "1"]
 TWO_TOWER = ["clip_base", "sep", "bridge", "geocons"]
 FUSION = ["albef_fusion"] + (["codis"] if importlib.util.find_spec("codis") else [])  # codis.py may be absent
 
@@ -120,7 +120,7 @@ def test_compile_unsupported_runs_eagerly_with_a_note(monkeypatch):
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--no-such-flag", "1"], "no selected script has --no-such-flag"),
+    (["--no-such-flag", "1"], "no method script has --no-such-flag"),
     (["--methods", "clip_base,nope"], "unknown nope"),
     (["--fusion-flags=--cnn-width 8"], "no fusion script has --cnn-width"),
     (["--methods", "reference"], "the reference row needs a torchvision image encoder"),

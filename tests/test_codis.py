@@ -161,6 +161,17 @@ def test_loss_code_swaps_the_plans_and_sends_ot_gradients_to_the_codebook_only()
     assert f_v.grad is None
 
 
+def test_loss_code_is_fp32_under_autocast():
+    args = codis.Args()
+    feats = [unit(8, 16, seed=s).float() for s in range(4)]
+    codebook = unit(32, 16, seed=9).float()
+    want = codis.loss_code(*feats, codebook, args)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = codis.loss_code(*feats, codebook, args)
+    for k in want:
+        assert got[k].dtype == torch.float32 and got[k].item() == pytest.approx(want[k].item(), rel=1e-6), k
+
+
 def test_loss_ica_adds_the_intra_modal_terms():
     n, m, e, tau, alpha = 3, 6, 5, 0.1, 0.4
     z_v, z_t, z_v_m, z_t_m = (unit(n, e, seed=s) for s in range(4))
