@@ -43,6 +43,8 @@ one negative image and for every image one negative text, drawn from the in-batc
     L = L_itc + L_mlm + L_itm                                     (CODIS: L_itc becomes L_ica, + L_code)
 
 Readings where the slides are short (and what the reference code does):
+- v_cls, w_cls stand for the pooled unimodal features: the [CLS] token in the reference (--pool cls), the mean
+  of the real tokens by default here (see below).
 - ITC's in-batch positives are momentum features too: online features are contrasted against
   [momentum batch ; queue], as in the reference code; the queue starts as random unit vectors.
 - MLM masks 15% of the tokens except [PAD], [CLS] and [SEP] (BERT's rule; the reference also masks
@@ -55,23 +57,18 @@ Readings where the slides are short (and what the reference code does):
 - τ is learned directly (not as a log scale), clamped to [0.001, 0.5] after every step, as in the reference.
 
 Reference values (ViT-B/16 + BERT-base, 14M images): E = 256, M = 65,536, m = 0.995, α = 0.4 ramped over the
-first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU). The CPU default trains everything
-from scratch in a few minutes, and these of its choices were measured on the synthetic benchmark:
-- the small ViT embeds each 8×8 patch with a small CNN (a "conv stem": the ViT paper's hybrid, Xiao et al. 2021)
-  instead of one linear map: a linear-patch ViT (patch 4, 64 tokens) learned colour but no shape at this budget,
-  and 16 tokens make every image-side step (and the cross-attention) cheaper (--vit-stem linear --vit-patch 4
-  gives the plain ViT);
-- M = 256 (2 batches): encoders trained from scratch move fast, so old queue entries are stale negatives;
-  M = 1,024 gave t2i R@10 35% against 72% with M = 256 (400 steps of 128, 300 test images);
-- m = 0.99 and α ramped over 100 steps: the whole run is shorter than one epoch; E = 128;
-- linear weights start at N(0, 1/fan_in), not BERT's N(0, 0.02) (see init_weights: with 0.02 at width 128 every
-  caption starts with the same [CLS] feature and ITC against the queue never took off).
+first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU), [CLS] features. The CPU default
+trains from scratch in about 4 minutes; its departures, each measured on the synthetic benchmark (the runs are
+in docs/results.md): a conv stem embeds each 8×8 patch (16 tokens; a linear-patch ViT learned no shape at this
+budget), M = 256 and m = 0.99 (the run is shorter than one epoch: old queue entries are stale negatives), E = 128,
+mean-pooled unimodal features (--pool mean: learned faster than [CLS] from scratch), and linear weights at
+N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
 
 Run it:  python codis.py                          (synthetic benchmark, CPU, about 4 minutes)
          python codis.py --data karpathy --data-root DIR --vision vit_b_16 --pretrained-vision \
              --text-model bert-base-uncased --tokenizer bert-base-uncased --text-layers 6 --image-size 256 \
              --embed-dim 256 --queue-size 65536 --momentum 0.995 --alpha-ramp -1 --lr 1e-4 --weight-decay 0.02 \
-             --batch-size 64 --precision bf16 --itm-k 128
+             --batch-size 64 --pool cls --precision bf16 --itm-k 128
 Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
 """
 # ============================== boilerplate: imports =========================================
@@ -189,8 +186,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """features the transport plans come from: teacher (momentum, CODIS) or student (the seed's ablation)"""
     intra: bool = True
     """the intra-modal terms i2i, t2t of L_ica (--no-intra: cross-modal only, the seed's ablation row a)"""
-    pool: str = "cls"
-    """unimodal feature for ITC and the contract: cls ([CLS] token, the reference) or mean (of the real tokens)"""
+    pool: str = "mean"
+    """unimodal feature for ITC and the contract: mean (of the real tokens) or cls ([CLS] token, the reference)"""
 
 
 # ============================== model (boilerplate: attention, ViT, BERT) ====================
