@@ -6,6 +6,7 @@
     python docs/reproduce.py fusion                    # ALBEF and CODIS x 3 seeds (issues 4, 5)
     python docs/reproduce.py fusion-flickr8k           # ALBEF and CODIS on Flickr8k, 1 seed
     python docs/reproduce.py codis-ablation            # codebook size, plan features, intra terms (seed 1)
+    python docs/reproduce.py codebook RUN_DIR          # docs/codebook.png from a CODIS run (e.g. python codis.py)
     python docs/reproduce.py tables runs/results/synthetic                   # print the Markdown tables
     python docs/reproduce.py figures runs/results/synthetic                  # docs/latent_structure.png, curves
 
@@ -109,7 +110,8 @@ def tables(folder):
                      [("modality gap", "structure/modality_gap"), ("alignment", "structure/alignment"),
                       ("uniformity (image)", "structure/uniformity_image"),
                       ("uniformity (text)", "structure/uniformity_text"),
-                      ("matched cosine", "structure/matched_cosine"), ("train s", "train/seconds")], digits=2))
+                      ("matched cosine", "structure/matched_cosine"), ("train s (shared CPU)", "train/seconds")],
+                     digits=2))
     return "\n\n".join(out)
 
 
@@ -140,10 +142,50 @@ def figures(folder, seed=1):
     print("wrote docs/latent_structure.png and docs/training_curves.png")
 
 
+def codebook_figure(run_dir, n_codes=6, n_images=6, n_words=5):
+    """docs/codebook.png: for the most used codewords of a CODIS run, the test images and the caption words
+    assigned to them most strongly (the seed's qualitative analysis). Images: the highest P_i2p(k) of the
+    test images; words: those most over-represented in the captions whose nearest codeword is k."""
+    sys.path.insert(0, ROOT)
+    import collections
+    import torch
+    import data
+    import eval as ev
+    from matplotlib.figure import Figure
+    model, tokenizer, args, _ = ev.load_run(run_dir, "cpu")
+    test = data.build_eval_suite(args).retrieval
+    img = ev.encode_images(model, test, data.eval_transform(args.image_size), "cpu")
+    txt = ev.encode_texts(model, tokenizer, test.texts, "cpu", args.max_len)
+    codebook = torch.nn.functional.normalize(model.codebook.detach(), dim=-1)      # (K, E)
+    p_img = torch.softmax(img @ codebook.T / args.code_temp, dim=1)                 # (N_img, K) P_i2p
+    near_img, near_txt = p_img.argmax(1), (txt @ codebook.T).argmax(1)
+    usage = torch.bincount(torch.cat([near_img, near_txt]), minlength=len(codebook))
+    words_all = collections.Counter(w for t in test.texts for w in set(t.lower().strip(".").split()))
+    fig = Figure(figsize=(1.3 * n_images + 3.2, 1.35 * n_codes))
+    axes = fig.subplots(n_codes, n_images + 1, squeeze=False)
+    for row, k in enumerate(usage.argsort(descending=True)[:n_codes].tolist()):
+        mine = [t for t, c in zip(test.texts, near_txt.tolist()) if c == k]
+        counts = collections.Counter(w for t in mine for w in set(t.lower().strip(".").split()))
+        lift = {w: (c / len(mine)) / (words_all[w] / len(test.texts)) for w, c in counts.items() if c >= 3}
+        top = sorted(lift, key=lambda w: (-lift[w], w))[:n_words]
+        for col, i in enumerate(p_img[:, k].topk(n_images).indices.tolist()):
+            axes[row, col].imshow(test.load_image(i))
+            axes[row, col].set_title(f"{p_img[i, k]:.2f}", fontsize=7)
+        axes[row, -1].text(0, 0.5, f"codeword {k}\n{int(usage[k])} test features\n" + "\n".join(top),
+                           fontsize=7, va="center")
+        for ax in axes[row]:
+            ax.axis("off")
+    fig.suptitle("CODIS codewords: the test images with the highest P_i2p, and the most over-represented caption "
+                 "words of the captions nearest to each", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "codebook.png"), dpi=120)
+    print("wrote docs/codebook.png")
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "fusion", "fusion-flickr8k",
-                                    "codis-ablation", "tables", "figures"])
+                                    "codis-ablation", "codebook", "tables", "figures"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--data-root", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
@@ -164,6 +206,8 @@ def main():
         experiment("fusion-flickr8k", [*FLICKR_FUSION, "--data-root", a.data_root], a.seeds[:1], FUSION)
     elif a.what == "codis-ablation":
         experiment("codis-ablation", [], a.seeds[:1], CODIS_ABLATION)
+    elif a.what == "codebook":
+        codebook_figure(a.folder)
     elif a.what == "figures":
         figures(a.folder, a.seeds[0])
     else:
