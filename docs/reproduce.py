@@ -115,6 +115,25 @@ def tables(folder):
     return "\n\n".join(out)
 
 
+def theorem1_table(results=os.path.join(ROOT, "runs", "results")):
+    """Texture visibility against what each method's features keep of it (seed 1): the image-only texture's
+    probe accuracy on z (and [z, z^i] for Sep), beside shape zero-shot, per texture contrast."""
+    sources = {"0.05": "theorem1-contrast0.05", "0.18 (default)": "synthetic", "0.5": "theorem1-contrast0.5"}
+    lines = ["| texture contrast | method | texture probe, z | texture probe, [z, z^i] | shape zero-shot top-1 "
+             "| modality gap |", "| --- | --- | ---: | ---: | ---: | ---: |"]
+    for contrast, sub in sources.items():
+        for exp in ("clip_base", "sep"):
+            found = sorted(glob.glob(os.path.join(results, sub, f"{exp}-*-1-*", "metrics.json")))
+            if not found:
+                continue
+            r = json.load(open(found[0]))
+            zz = r.get("probe/texture/z+zi/acc")
+            lines.append(f"| {contrast} | {LABELS[exp]} | {r['probe/texture/z/acc']:.1f} | "
+                         f"{'–' if zz is None else f'{zz:.1f}'} | {r['zeroshot/shape/top1']:.1f} | "
+                         f"{r['structure/modality_gap']:.2f} |")
+    return "\n".join(lines)
+
+
 def figures(folder, seed=1):
     """docs/latent_structure.png (2-D PCA of both modalities per method, the paper's latent-structure
     visualization) and docs/training_curves.png (L_con of every method against step), from seed `seed`."""
@@ -185,7 +204,7 @@ def codebook_figure(run_dir, n_codes=6, n_images=6, n_words=5):
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "fusion", "fusion-flickr8k",
-                                    "codis-ablation", "codebook", "tables", "figures"])
+                                    "codis-ablation", "codebook", "theorem1-table", "tables", "figures"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--data-root", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
@@ -206,6 +225,8 @@ def main():
         experiment("fusion-flickr8k", [*FLICKR_FUSION, "--data-root", a.data_root], a.seeds[:1], FUSION)
     elif a.what == "codis-ablation":
         experiment("codis-ablation", [], a.seeds[:1], CODIS_ABLATION)
+    elif a.what == "theorem1-table":
+        print(theorem1_table())
     elif a.what == "codebook":
         codebook_figure(a.folder)
     elif a.what == "figures":
