@@ -708,6 +708,7 @@ def compute_losses(model, batch, args, alpha):
     codebook = F.normalize(model.codebook, dim=-1)                     # (K, E) unit codewords
     f_v, f_t = (z_v_m, z_t_m) if args.plan_features == "teacher" else (z_v, z_t)
     terms.update(loss_code(z_v, z_t, f_v, f_t, codebook, args))
+    # L_code = L_ot(Z_v^m, C) + L_ot(Z_t^m, C) + L_t2p(Z_t, C, T_i2p) + L_i2p(Z_v, C, T_t2p)
     terms["code"] = terms["ot_v"] + terms["ot_t"] + terms["t2p"] + terms["i2p"]
     with torch.no_grad():  # codebook health: each student feature's nearest codeword, counted until the next log
         nearest = (torch.cat([z_v, z_t]).float() @ codebook.t()).argmax(1)
