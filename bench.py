@@ -28,7 +28,9 @@ Configurations (--config):
          yardstick of clip_base.py --plain-clip.
 Targets (the benchmark issue): each regularizer ≤ 1.05× clip_base's step time on the GPU config (≤ 1.10× on
 the CPU one); codis ≤ 1.15× albef_fusion; data < 5% of the step on the GPU config; clip_base --plain-clip at
-least the reference's throughput in bf16 on the GPU. Results, commands and hardware: docs/benchmarks.md.
+least the reference's throughput in bf16 on the GPU. With the codis row, IPOT alone is timed too (256 × 1024,
+50 outer steps, median of 30 calls; the CODIS issue: ≤ 30 ms on the 2-core CPU). Results, commands and hardware:
+docs/benchmarks.md.
 
 Run it:  python bench.py                                   (cpu config: 5 warm-up + 20 timed steps per method)
          python bench.py --interleave                      (a shared machine: the rows' steps alternate, so
@@ -528,6 +530,27 @@ def targets(rows, b):
     return out
 
 
+def time_ipot(device, repeats=30):
+    """Median ms of codis.ipot on a 256 × 1024 problem (batch × codebook) with 50 outer steps, on this process's
+    torch threads: issue 5's figure (≤ 30 ms on the 2-core CPU)."""
+    codis = importlib.import_module("codis")
+    g = torch.Generator().manual_seed(0)
+    z, c = (F.normalize(torch.randn(n, 128, generator=g), dim=1) for n in (256, 1024))
+    cost = (1 - z @ c.T).to(device)                                       # D = 1 − ⟨z, c⟩ in [0, 2]
+    mu, nu = torch.full((256,), 1 / 256, device=device), torch.full((1024,), 1 / 1024, device=device)
+    times = []
+    for i in range(repeats + 3):  # 3 untimed calls first
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        codis.ipot(cost, mu, nu, n_outer=50, n_inner=1)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if i >= 3:
+            times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
 # ============================== main =========================================================
 def start(name, a, b, device):
     """Build one row's trainer as its script does, then its FLOP-counting step, --compile and warm-up."""
@@ -613,6 +636,11 @@ def main(argv=None):
               "compile": b.compile, "num_workers": b.num_workers, "fixed_batch": b.fixed_batch,
               "interleave": b.interleave, "steps": b.steps, "warmup": b.warmup, "rows": rows,
               "targets": targets(rows, b), "notes": notes}
+    if "codis" in order:  # IPOT alone, at the size the issue names
+        ms = time_ipot(device)
+        result["ipot_ms"] = ms
+        result["targets"].append({"target": "codis: IPOT 256 × 1024, 50 outer steps (median ms)", "value": ms,
+                                  "limit": "≤ 30" if device.type == "cpu" else "–", "met": ms <= 30})
     print(report(result))
     if b.save:
         with open(b.save, "w") as f:

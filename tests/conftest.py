@@ -8,6 +8,8 @@ Helpers (plain functions, also reachable through the `imgs` fixture):
     jpeg_bytes (encoded bytes, e.g. for tar shards), mean_colour (of a PIL image), PALETTE
 Fixtures:
     imgs            namespace of the helpers above
+    one_thread      torch on one thread for the test (tiny tensors: no contention on a shared machine)
+    tokenizer       the synthetic benchmark's generated word-level tokenizer (module scope)
     karpathy_spec   what `karpathy_dir` writes: list of dicts (split, filepath, filename, colour, captions)
     karpathy_dir    a Karpathy split JSON (COCO style: train2014/ + val2014/) with 12 JPEGs of 32 px,
                     2-5 captions each, in train / restval / val / test; returns the data root (Path)
@@ -151,3 +153,9 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    import data
+    return data.build_tokenizer(data.DataArgs())

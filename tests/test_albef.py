@@ -20,11 +20,6 @@ from tiny import eval_cli_agrees, resume_is_exact, smoke_run, tiny_albef, unit
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-@pytest.fixture(scope="module")
-def tokenizer():
-    return data.build_tokenizer(data.DataArgs())
-
-
 def tiny_model(tokenizer, **kw):
     args = albef.Args(**{**dict(vit_patch=8, vit_width=32, vit_depth=1, vit_heads=2, text_width=32, text_layers=1,
                                 fusion_layers=1, text_heads=2, embed_dim=16, queue_size=32), **kw})
