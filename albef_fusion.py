@@ -38,10 +38,10 @@ Readings where the slides are short (and what the reference code does):
 Reference values (ViT-B/16 + BERT-base, 14M images): E = 256, M = 65,536, m = 0.995, α = 0.4 ramped over the
 first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU), [CLS] features. The CPU default
 trains from scratch in 4½ minutes (350 steps of 128, ITM reranking of the top 8); its departures, each measured
-on the synthetic benchmark (the runs are in docs/results.md): a conv stem embeds each 8×8 patch (16 tokens; a linear-patch ViT learned no shape at this
-budget), M = 256 and m = 0.99 (the run is shorter than one epoch: old queue entries are stale negatives), E = 128,
-mean-pooled unimodal features (--pool mean: learned faster than [CLS] from scratch), and linear weights at
-N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
+on the synthetic benchmark (the runs are in docs/results.md): a conv stem embeds each 8×8 patch (16 tokens; a
+linear-patch ViT learned no shape at this budget), M = 256 and m = 0.99 (the run is shorter than one epoch: old
+queue entries are stale negatives), E = 128, mean-pooled unimodal features (--pool mean: learned faster than
+[CLS] from scratch), and linear weights at N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
 
 Run it:  python albef_fusion.py                   (synthetic benchmark, CPU, about 4½ minutes)
          python albef_fusion.py --data karpathy --data-root DIR --vision vit_b_16 --pretrained-vision \

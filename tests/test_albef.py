@@ -20,11 +20,22 @@ from tiny import eval_cli_agrees, resume_is_exact, smoke_run, tiny_albef, unit
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
 
 
-def tiny_model(tokenizer, **kw):
-    args = albef.Args(**{**dict(vit_patch=8, vit_width=32, vit_depth=1, vit_heads=2, text_width=32, text_layers=1,
-                                fusion_layers=1, text_heads=2, embed_dim=16, queue_size=32), **kw})
+TINY_MODEL = dict(vit_patch=8, vit_width=32, vit_depth=1, vit_heads=2, text_width=32, text_layers=1, fusion_layers=1,
+                  text_heads=2, embed_dim=16, queue_size=32)
+
+
+def tiny_model(tokenizer, script=albef, **kw):
+    """A tiny model of `script` (albef_fusion or codis), seeded, in eval mode, and its Args."""
+    args = script.Args(**{**TINY_MODEL, **kw})
     torch.manual_seed(0)
-    return albef.build_model(args, tokenizer).eval(), args
+    return script.build_model(args, tokenizer).eval(), args
+
+
+def toy_batch(tokenizer, n=8):
+    """n captions and random 32 px images, as compute_losses takes them (every pair its own image)."""
+    ids, mask = tokens(tokenizer, [f"a red {s}." for s in ["circle", "square", "star", "ring"] * (n // 4)])
+    return {"image": torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "input_ids": ids,
+            "attention_mask": mask, "index": torch.arange(n)}
 
 
 def tokens(tokenizer, texts):
@@ -105,9 +116,7 @@ def test_momentum_model_is_not_trained_by_the_optimizer(tokenizer):
 
 
 def test_grad_checkpoint_gives_the_same_losses_and_gradients(tokenizer):
-    ids, mask = tokens(tokenizer, [f"a red {s}." for s in ["circle", "square", "star", "ring"] * 2])
-    batch = {"image": torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "input_ids": ids,
-             "attention_mask": mask, "index": torch.arange(8)}
+    batch = toy_batch(tokenizer)
     out = []
     for checkpointed in (False, True):
         model, args = tiny_model(tokenizer, batch_size=8, queue_size=16, grad_checkpoint=checkpointed)

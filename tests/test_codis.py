@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import codis
-from test_albef import distilled_nce_loop, tokens
+from test_albef import distilled_nce_loop, tiny_model, toy_batch
 from tiny import eval_cli_agrees, resume_is_exact, smoke_run, tiny_albef, unit
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
@@ -184,15 +184,11 @@ def test_code_perplexity():
 
 def test_code_weight_scales_l_code_and_zero_leaves_the_codebook_untrained(tokenizer):
     """L = L_mlm + L_itm + L_ica + λ L_code; with λ = 0 (the ablation's "no codebook" row) no gradient reaches C."""
-    ids, mask = tokens(tokenizer, [f"a red {s}." for s in ["circle", "square", "star", "ring"] * 2])
-    batch = {"image": torch.randn(8, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "input_ids": ids,
-             "attention_mask": mask, "index": torch.arange(8)}
+    batch = toy_batch(tokenizer)
     for weight in (1.0, 0.5, 0.0):
-        args = codis.Args(vit_patch=8, vit_width=32, vit_depth=1, vit_heads=2, text_width=32, text_layers=1,
-                          fusion_layers=1, text_heads=2, embed_dim=16, queue_size=16, batch_size=8, codebook_size=8,
-                          ipot_outer=10, code_weight=weight)
-        torch.manual_seed(0)
-        model = codis.build_model(args, tokenizer).train()
+        model, args = tiny_model(tokenizer, codis, queue_size=16, batch_size=8, codebook_size=8, ipot_outer=10,
+                                 code_weight=weight)
+        model.train()
         terms = codis.compute_losses(model, batch, args, 0.4)
         parts = terms["mlm"] + terms["itm"] + terms["ica"] + weight * terms["code"]
         assert terms["loss"].item() == pytest.approx(parts.item(), rel=1e-6) and terms["code"].item() > 0
