@@ -189,7 +189,7 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     intra: bool = True
     """the intra-modal terms i2i, t2t of L_ica (--no-intra: cross-modal only, the seed's ablation row a)"""
     code_weight: float = 1.0
-    """λ of L_code in L (0: no codebook learning, L_ica alone, the seed's ablation row b)"""
+    """λ of L_code in L (0: no codebook learning, L_ica alone, the seed's ablation row b; 0.3: docs/results.md)"""
     pool: str = "mean"
     """unimodal feature for ITC and the contract: mean (of the real tokens) or cls ([CLS] token, the reference)"""
 

@@ -74,6 +74,15 @@ def test_queue_size_must_be_a_multiple_of_the_batch(tmp_path):
     assert not os.listdir(tmp_path)  # an error at start-up, before any output
 
 
+@pytest.mark.parametrize("script", ["albef_fusion", "codis"])
+def test_default_flags_pass_the_start_up_checks(script):
+    """The no-argument run: the default queue holds whole batches, and warm-up and α ramp end before the last step."""
+    args = pytest.importorskip(script).Args()
+    assert args.queue_size % args.batch_size == 0
+    albef.check_queue(args.queue_size, args.batch_size)
+    assert 0 < args.warmup < args.steps and 0 < args.alpha_ramp < args.steps
+
+
 # ----------------------------------------------------------------------------------------------
 # momentum model
 # ----------------------------------------------------------------------------------------------
