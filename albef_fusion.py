@@ -37,7 +37,7 @@ Readings where the slides are short (and what the reference code does):
 
 Reference values (ViT-B/16 + BERT-base, 14M images): E = 256, M = 65,536, m = 0.995, α = 0.4 ramped over the
 first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU), [CLS] features. The CPU default
-trains from scratch in 4½–5 minutes (1,200 steps of 32, ITM reranking of the top 8); its departures, each
+trains from scratch in 3–5½ minutes (1,200 steps of 32, ITM reranking of the top 8); its departures, each
 measured on the synthetic benchmark (the runs are in docs/results.md): a conv stem embeds each 8×8 patch (16
 tokens; a linear-patch ViT learned no shape at this budget) and one transformer block follows (three learned
 shape more slowly), many small steps rather than few large ones (at the same pairs, 1,400 × 32 beat 350 × 128),
@@ -45,7 +45,7 @@ M = 256 and m = 0.99 (the run is shorter than one epoch: old queue entries are s
 mean-pooled unimodal features (--pool mean: learned faster than [CLS] from scratch), and linear weights at
 N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
 
-Run it:  python albef_fusion.py                   (synthetic benchmark, CPU, about 4½ minutes)
+Run it:  python albef_fusion.py                   (synthetic benchmark, CPU, 3–5½ minutes)
          python albef_fusion.py --data karpathy --data-root DIR --vision vit_b_16 --pretrained-vision \
              --text-model bert-base-uncased --tokenizer bert-base-uncased --text-layers 6 --image-size 256 \
              --embed-dim 256 --queue-size 65536 --momentum 0.995 --alpha-ramp -1 --lr 1e-4 --weight-decay 0.02 \

@@ -8,7 +8,7 @@ What CODIS adds to ALBEF. C holds K learnable unit vectors (codewords) in the E-
     L_ot(Z^m, C) = ⟨T, D⟩                                               gradient to the codebook only
     P_t2p = softmax(Z_t Cᵀ / γ),  L_t2p = H(T_i2p, P_t2p)                  swapped: the text student predicts the
     P_i2p = softmax(Z_v Cᵀ / γ),  L_i2p = H(T_t2p, P_i2p)                  image's plan and vice versa
-    L_code = L_ot(Z_v^m, C) + L_ot(Z_t^m, C) + L_t2p + L_i2p,    L = L_mlm + L_itm + L_ica + L_code
+    L_code = L_ot(Z_v^m, C) + L_ot(Z_t^m, C) + L_t2p + L_i2p,    L = L_mlm + L_itm + L_ica + λ_code·L_code
 
 CODIS readings (no public code exists; every choice below is ours and is checked in docs/results.md):
 - The slide's "Codebook Loss" line pairs L_t2p with T_t2p, its equation (2) with T_i2p: we follow equation (2),
@@ -19,7 +19,8 @@ CODIS readings (no public code exists; every choice below is ours and is checked
   view, as ALBEF's loader gives; TCL uses two augmented views).
 - C is normalized in the forward pass (unit codewords); the plans see no gradient (IPOT under no_grad, fp32).
 - K = 128 (2× the 64 colour×shape objects of the synthetic benchmark), γ = 0.1 (SwAV's temperature), IPOT
-  β = 0.5, 50 outer steps, 1 inner step (IPOT's reference values), all loss weights 1 (the slide's sum).
+  β = 0.5, 50 outer steps, 1 inner step (IPOT's reference values), loss weights 1 (the slide's sum) but
+  λ_code = 0.3: at the CPU budget λ_code = 1 cost about 10 points of shape zero-shot (docs/results.md).
 
 The ALBEF part. A ViT encodes the image into tokens v = (v_cls, v_1..v_P); the first layers of a BERT encode
 the text alone into w = (w_cls, w_1..w_L); the last layers of the same BERT, each with an added
@@ -58,7 +59,7 @@ Readings where the slides are short (and what the reference code does):
 
 Reference values (ViT-B/16 + BERT-base, 14M images): E = 256, M = 65,536, m = 0.995, α = 0.4 ramped over the
 first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU), [CLS] features. The CPU default
-trains from scratch in 4½–5 minutes (1,200 steps of 32, ITM reranking of the top 8); its departures, each
+trains from scratch in 3–5½ minutes (1,200 steps of 32, ITM reranking of the top 8); its departures, each
 measured on the synthetic benchmark (the runs are in docs/results.md): a conv stem embeds each 8×8 patch (16
 tokens; a linear-patch ViT learned no shape at this budget) and one transformer block follows (three learned
 shape more slowly), many small steps rather than few large ones (at the same pairs, 1,400 × 32 beat 350 × 128),
@@ -66,7 +67,7 @@ M = 256 and m = 0.99 (the run is shorter than one epoch: old queue entries are s
 mean-pooled unimodal features (--pool mean: learned faster than [CLS] from scratch), and linear weights at
 N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
 
-Run it:  python codis.py                          (synthetic benchmark, CPU, about 5 minutes)
+Run it:  python codis.py                          (synthetic benchmark, CPU, 3½–5 minutes)
          python codis.py --data karpathy --data-root DIR --vision vit_b_16 --pretrained-vision \
              --text-model bert-base-uncased --tokenizer bert-base-uncased --text-layers 6 --image-size 256 \
              --embed-dim 256 --queue-size 65536 --momentum 0.995 --alpha-ramp -1 --lr 1e-4 --weight-decay 0.02 \
@@ -188,8 +189,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """features the transport plans come from: teacher (momentum, CODIS) or student (the seed's ablation)"""
     intra: bool = True
     """the intra-modal terms i2i, t2t of L_ica (--no-intra: cross-modal only, the seed's ablation row a)"""
-    code_weight: float = 1.0
-    """λ of L_code in L (0: no codebook learning, L_ica alone, the seed's ablation row b; 0.3: docs/results.md)"""
+    code_weight: float = 0.3
+    """λ_code of L_code in L (the slide: 1; 0: no codebook learning, L_ica alone, the seed's ablation row b)"""
     pool: str = "mean"
     """unimodal feature for ITC and the contract: mean (of the real tokens) or cls ([CLS] token, the reference)"""
 
@@ -720,7 +721,7 @@ def compute_losses(model, batch, args, alpha):
 
     # ---- after the loss: the momentum features replace the oldest queue entries
     dequeue_and_enqueue(model.image_queue, model.text_queue, model.queue_ptr, z_v_m, z_t_m)
-    # L = L_mlm + L_itm + L_ica + λ L_code   (λ = 1, the slide's sum)
+    # L = L_mlm + L_itm + L_ica + λ_code L_code   (λ_code = 0.3 here; the slide's sum has 1)
     terms["loss"] = terms["mlm"] + terms["itm"] + terms["ica"] + args.code_weight * terms["code"]
     return terms
 

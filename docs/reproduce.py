@@ -36,7 +36,8 @@ CODIS_ABLATION = {"CODIS, K = 32": ("codis.py", ["--exp-name", "codis_k32", "--c
                   "CODIS, K = 512": ("codis.py", ["--exp-name", "codis_k512", "--codebook-size", "512"]),
                   "CODIS, student plans": ("codis.py", ["--exp-name", "codis_student", "--plan-features", "student"]),
                   "CODIS, no i2i/t2t": ("codis.py", ["--exp-name", "codis_nointra", "--no-intra"]),
-                  "CODIS, no codebook (λ_code = 0)": ("codis.py", ["--exp-name", "codis_nocode", "--code-weight", "0"])}
+                  "CODIS, no codebook (λ_code = 0)": ("codis.py", ["--exp-name", "codis_nocode", "--code-weight", "0"]),
+                  "CODIS, λ_code = 1 (the slide's sum)": ("codis.py", ["--exp-name", "codis_cw1", "--code-weight", "1"])}
 LABELS = {extra[extra.index("--exp-name") + 1]: label
           for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION}.items()}
 FLICKR = ["--data", "karpathy", "--image-size", "64", "--epochs", "5"]

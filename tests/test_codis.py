@@ -1,7 +1,9 @@
 """codis.py: IPOT against exact optima (brute force over permutations), Sinkhorn, the slide's uniform form and
 low-precision inputs; the codebook losses and L_ica against hand computations; a smoke run, exact resume, eval.py."""
 import itertools
+import json
 import math
+import os
 
 import pytest
 import torch
@@ -214,8 +216,11 @@ def test_smoke_subprocess_and_eval_cli(tmp_path):
     run, rows, metrics = smoke_run("codis.py", tiny_codis(tmp_path), tmp_path,
                                    ("loss", "loss_ica", "loss_mlm", "loss_itm", "loss_code", "loss_ot_v", "loss_ot_t",
                                     "loss_t2p", "loss_i2p", "code_perplexity"))
+    weight = json.load(open(os.path.join(run, "args.json")))["code_weight"]      # λ_code, the default (0.3)
+    assert weight == codis.Args().code_weight != 1
     for r in rows:
-        assert r["loss"] == pytest.approx(r["loss_ica"] + r["loss_mlm"] + r["loss_itm"] + r["loss_code"], rel=1e-5)
+        assert r["loss"] == pytest.approx(r["loss_ica"] + r["loss_mlm"] + r["loss_itm"] + weight * r["loss_code"],
+                                          rel=1e-5)
         assert r["loss_code"] == pytest.approx(r["loss_ot_v"] + r["loss_ot_t"] + r["loss_t2p"] + r["loss_i2p"], rel=1e-5)
         assert 1 <= r["codes_used"] <= 8 and 1 <= r["code_perplexity"] <= r["codes_used"] + 1e-6
     assert metrics["zeroshot/shape/n_classes"] == 8 and "retrieval_itm/i2t_R@1" in metrics
