@@ -20,7 +20,7 @@ CODIS readings (no public code exists; every choice below is ours and is checked
 - C is normalized in the forward pass (unit codewords); the plans see no gradient (IPOT under no_grad, fp32).
 - K = 128 (2× the 64 colour×shape objects of the synthetic benchmark), γ = 0.1 (SwAV's temperature), IPOT
   β = 0.5, 50 outer steps, 1 inner step (IPOT's reference values), loss weights 1 (the slide's sum) but
-  λ_code = 0.3: at the CPU budget λ_code = 1 cost about 10 points of shape zero-shot (docs/results.md).
+  λ_code = 0.3 (--code-weight 1: the slide's sum): at the CPU budget weight 1 cost ~10 points of zero-shot shape.
 
 The ALBEF part. A ViT encodes the image into tokens v = (v_cls, v_1..v_P); the first layers of a BERT encode
 the text alone into w = (w_cls, w_1..w_L); the last layers of the same BERT, each with an added
@@ -41,7 +41,7 @@ MLM (masked language modelling), predicted by the fusion encoder from the masked
 ITM (image-text matching) on the fusion [CLS], a 2-way linear head, with hard negatives: for every text
 one negative image and for every image one negative text, drawn from the in-batch ITC softmax:
     L_itm = E[ H(y^itm, p^itm(I, T)) ]     over the N positive and 2N negative pairs (labels 1, 0, 0)
-    L = L_itc + L_mlm + L_itm                                     (CODIS: L_itc becomes L_ica, + L_code)
+    L = L_itc + L_mlm + L_itm                                     (CODIS: L_itc becomes L_ica, + λ_code·L_code)
 
 Readings where the slides are short (and what the reference code does):
 - v_cls, w_cls stand for the pooled unimodal features: the [CLS] token in the reference (--pool cls), the mean
