@@ -52,7 +52,7 @@ Run it:  python albef_fusion.py                   (synthetic benchmark, CPU, 3�
              --batch-size 64 --pool cls --precision bf16 --itm-k 128
 Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
 """
-# ============================== boilerplate: imports =========================================
+# ============================== imports ======================================================
 import copy
 import json
 import math
@@ -157,248 +157,7 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """unimodal feature for ITC and the contract: mean (of the real tokens) or cls ([CLS] token, the reference)"""
 
 
-# ============================== model (boilerplate: attention, ViT, BERT) ====================
-class Attention(nn.Module):
-    """Multi-head attention of the queries x over the keys/values y: y = x is self-attention, y = image tokens
-    cross-attention. Bidirectional: key_mask (N, Lk) only hides padding; there is no causal mask anywhere."""
-
-    def __init__(self, width, heads, kv_width=None):
-        super().__init__()
-        self.heads = heads
-        self.q, self.o = nn.Linear(width, width), nn.Linear(width, width)
-        self.k, self.v = nn.Linear(kv_width or width, width), nn.Linear(kv_width or width, width)
-
-    def forward(self, x, y=None, key_mask=None):  # x (N, Lq, D), y (N, Lk, Dk), key_mask (N, Lk) 1 = real token
-        y = x if y is None else y
-        n, lq, d = x.shape
-        split = lambda t: t.view(n, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731 (N, h, L, D/h)
-        mask = None if key_mask is None else key_mask[:, None, None, :].bool()         # (N, 1, 1, Lk)
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(y)), split(self.v(y)), attn_mask=mask)
-        return self.o(out.transpose(1, 2).reshape(n, lq, d))                           # (N, Lq, D)
-
-
-def run_layer(layer, *inputs, checkpointed=False):
-    """layer(*inputs); with --grad-checkpoint its activations are recomputed in the backward pass, not stored."""
-    if checkpointed and torch.is_grad_enabled():
-        return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
-    return layer(*inputs)
-
-
-def mlp(width, hidden):
-    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
-
-
-class ViTBlock(nn.Module):
-    """Pre-norm transformer block of a ViT: x + attn(LN(x)), then x + MLP(LN(x))."""
-
-    def __init__(self, width, heads):
-        super().__init__()
-        self.norm1, self.attn = nn.LayerNorm(width, eps=1e-6), Attention(width, heads)
-        self.norm2, self.mlp = nn.LayerNorm(width, eps=1e-6), mlp(width, 4 * width)
-
-    def forward(self, x):
-        x = x + self.attn(self.norm1(x))
-        return x + self.mlp(self.norm2(x))
-
-
-class ViT(nn.Module):
-    """Image → P patches → P tokens (one linear map per patch, or a small CNN per patch grid cell) → [CLS]
-    prepended → transformer blocks → (N, 1+P, width)."""
-
-    def __init__(self, image_size, patch, width, depth, heads, stem="linear"):
-        super().__init__()
-        if image_size % patch:
-            raise ValueError(f"--image-size {image_size} is not a multiple of the ViT patch size {patch}")
-        self.patch, self.width, n_patches = patch, width, (image_size // patch) ** 2
-        if stem == "linear":
-            self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)  # a linear map of each p×p×3 patch
-        else:  # conv: log2(p) stages of two 3×3 convolutions (the first with stride 2), then 1×1: same token grid
-            chans, layers = [3] + [32 * 2 ** k for k in range(int(math.log2(patch)))], []
-            for cin, cout in zip(chans, chans[1:]):
-                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
-                           nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
-            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
-        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
-        self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)
-        self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, eps=1e-6)
-        self.grad_checkpoint = False
-
-    def forward(self, images):                                   # (N, 3, H, W)
-        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, width): one token per patch
-        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed  # (N, 1+P, width)
-        for block in self.blocks:
-            x = run_layer(block, x, checkpointed=self.grad_checkpoint)
-        return self.norm(x)                                      # token 0 is [CLS]
-
-
-class BertLayer(nn.Module):
-    """Post-norm BERT layer: self-attention, [cross-attention to the image tokens: fusion layers only], MLP."""
-
-    def __init__(self, width, heads, intermediate, dropout=0.0, image_width=None):
-        super().__init__()
-        self.self_attn, self.norm1 = Attention(width, heads), nn.LayerNorm(width, eps=1e-12)
-        self.cross_attn = Attention(width, heads, kv_width=image_width) if image_width else None
-        self.norm_cross = nn.LayerNorm(width, eps=1e-12) if image_width else None
-        self.mlp, self.norm2, self.drop = mlp(width, intermediate), nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
-
-    def forward(self, h, mask, image=None):  # h (N, L, W), mask (N, L), image (N, 1+P, Wv)
-        h = self.norm1(h + self.drop(self.self_attn(h, key_mask=mask)))   # every token sees every real token
-        if self.cross_attn is not None:
-            h = self.norm_cross(h + self.drop(self.cross_attn(h, image)))  # every text token sees every image token
-        return self.norm2(h + self.drop(self.mlp(h)))
-
-
-class Bert(nn.Module):
-    """One BERT, split in two: text_layers encode the text alone, then fusion_layers (with cross-attention
-    to the image) fuse it with the image. The MLM head (tied to the word embeddings) reads the fusion output."""
-
-    def __init__(self, vocab_size, width, heads, text_layers, fusion_layers, image_width, max_positions=64,
-                 intermediate=None, dropout=0.0):
-        super().__init__()
-        intermediate = intermediate or 4 * width
-        self.word_emb, self.pos_emb = nn.Embedding(vocab_size, width), nn.Embedding(max_positions, width)
-        self.emb_norm, self.emb_drop = nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
-        self.text_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout) for _ in range(text_layers))
-        self.fusion_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout, image_width)
-                                           for _ in range(fusion_layers))
-        self.mlm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=1e-12))
-        self.mlm_decoder = nn.Linear(width, vocab_size)
-        self.mlm_decoder.weight = self.word_emb.weight  # tied, as in BERT
-        self.grad_checkpoint = False
-
-    def encode_text(self, ids, mask):  # (N, L) -> (N, L, W): the text encoder, text only
-        h = self.emb_drop(self.emb_norm(self.word_emb(ids) + self.pos_emb.weight[:ids.shape[1]]))
-        for layer in self.text_layers:
-            h = run_layer(layer, h, mask, checkpointed=self.grad_checkpoint)
-        return h
-
-    def fuse(self, h, mask, image):  # text states (N, L, W) + image tokens (N, 1+P, Wv) -> (N, L, W)
-        for layer in self.fusion_layers:
-            h = run_layer(layer, h, mask, image, checkpointed=self.grad_checkpoint)
-        return h
-
-    def mlm_logits(self, h):  # (..., W) -> (..., vocab)
-        return self.mlm_decoder(self.mlm_transform(h))
-
-
-def init_weights(module):
-    """N(0, 1/fan_in) linear weights (LeCun), N(0, 0.02) embeddings, zero biases; LayerNorms stay at 1, 0.
-
-    Not BERT's N(0, 0.02) everywhere: that suits width 768 (0.02·√768 ≈ 0.55 gain per layer), but at width 128
-    every attention output is ~20× smaller than the residual stream, so the [CLS] state barely depends on the
-    other tokens and all captions start with the same ITC feature; against a queue ITC then never takes off
-    (measured). With 1/fan_in the small encoders start where BERT-base does. Pretrained weights overwrite it.
-    """
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.Embedding):
-            nn.init.normal_(m.weight, std=0.02)
-
-
-# ============================== model (boilerplate: pretrained weights) ======================
-TV_VITS = {"vit_b_16": (16, 768, 12, 12), "vit_b_32": (32, 768, 12, 12), "vit_l_16": (16, 1024, 24, 16),
-           "vit_l_32": (32, 1024, 24, 16)}  # torchvision name -> (patch, width, depth, heads)
-
-
-def load_torchvision_vit(vit, tv_state):
-    """Copy a torchvision VisionTransformer state dict into our ViT (position grid resized if needed)."""
-    sd = {"patch_embed.weight": tv_state["conv_proj.weight"], "patch_embed.bias": tv_state["conv_proj.bias"],
-          "cls_token": tv_state["class_token"], "norm.weight": tv_state["encoder.ln.weight"],
-          "norm.bias": tv_state["encoder.ln.bias"]}
-    pos = tv_state["encoder.pos_embedding"]                              # (1, 1+G*G, width)
-    g_old, g_new = math.isqrt(pos.shape[1] - 1), math.isqrt(vit.pos_embed.shape[1] - 1)
-    grid = pos[:, 1:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)  # (1, width, G, G)
-    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
-    sd["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)], 1)
-    for i in range(len(vit.blocks)):
-        src, dst = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
-        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.o", "self_attention.out_proj"),
-                     ("mlp.0", "mlp.0"), ("mlp.2", "mlp.3")):
-            for t in ("weight", "bias"):
-                sd[f"{dst}{a}.{t}"] = tv_state[f"{src}{b}.{t}"]
-        for t in ("weight", "bias"):  # torchvision packs q, k, v into one in_proj
-            for name, part in zip("qkv", tv_state[f"{src}self_attention.in_proj_{t}"].chunk(3)):
-                sd[f"{dst}attn.{name}.{t}"] = part
-    vit.load_state_dict(sd)
-
-
-def build_vision(args):
-    if args.vision == "vit":
-        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads, args.vit_stem)
-        init_weights(vit)
-        return vit
-    if args.vision not in TV_VITS:
-        raise ValueError(f"--vision {args.vision!r}: choose vit or one of {', '.join(TV_VITS)}")
-    vit = ViT(args.image_size, *TV_VITS[args.vision])
-    init_weights(vit)
-    if args.pretrained_vision:
-        import torchvision
-        try:
-            tv = getattr(torchvision.models, args.vision)(weights="DEFAULT")
-        except Exception as e:  # noqa: BLE001 - no network
-            raise RuntimeError(f"could not load the torchvision weights of {args.vision!r}: {e}. Without the "
-                               f"network, put the weights file in $TORCH_HOME/hub/checkpoints/ or drop "
-                               f"--pretrained-vision.") from e
-        load_torchvision_vit(vit, tv.state_dict())
-    return vit
-
-
-def load_hf_bert(bert, hf_state):
-    """Copy a Hugging Face BertForMaskedLM state dict into our Bert: layer i < text_layers goes to the text
-    encoder, the rest to the fusion encoder (whose cross-attentions stay freshly initialized, as in ALBEF)."""
-    p = "bert.embeddings."
-    # BERT adds token_type_embeddings[0] to every token of a single sentence: fold it into the positions
-    sd = {"word_emb.weight": hf_state[p + "word_embeddings.weight"],
-          "pos_emb.weight": hf_state[p + "position_embeddings.weight"]
-          + hf_state[p + "token_type_embeddings.weight"][0],
-          "emb_norm.weight": hf_state[p + "LayerNorm.weight"], "emb_norm.bias": hf_state[p + "LayerNorm.bias"]}
-    for i in range(len(bert.text_layers) + len(bert.fusion_layers)):
-        dst = f"text_layers.{i}." if i < len(bert.text_layers) else f"fusion_layers.{i - len(bert.text_layers)}."
-        for a, b in (("self_attn.q", "attention.self.query"), ("self_attn.k", "attention.self.key"),
-                     ("self_attn.v", "attention.self.value"), ("self_attn.o", "attention.output.dense"),
-                     ("norm1", "attention.output.LayerNorm"), ("mlp.0", "intermediate.dense"),
-                     ("mlp.2", "output.dense"), ("norm2", "output.LayerNorm")):
-            for t in ("weight", "bias"):
-                sd[f"{dst}{a}.{t}"] = hf_state[f"bert.encoder.layer.{i}.{b}.{t}"]
-    head = {"mlm_transform.0": "transform.dense", "mlm_transform.2": "transform.LayerNorm"}
-    for a, b in head.items():
-        for t in ("weight", "bias"):
-            sd[f"{a}.{t}"] = hf_state[f"cls.predictions.{b}.{t}"]
-    sd["mlm_decoder.bias"] = hf_state["cls.predictions.bias"]
-    missing, unexpected = bert.load_state_dict(sd, strict=False)
-    assert not unexpected and all(".cross_attn." in k or ".norm_cross." in k or k == "mlm_decoder.weight"
-                                  for k in missing), (missing, unexpected)
-
-
-def build_bert(args, vocab_size, image_width):
-    if not args.text_model:
-        bert = Bert(vocab_size, args.text_width, args.text_heads, args.text_layers, args.fusion_layers, image_width,
-                    max(64, args.max_len), dropout=args.dropout)
-        init_weights(bert)
-        return bert
-    from transformers import BertForMaskedLM
-    try:
-        hf = BertForMaskedLM.from_pretrained(args.text_model)
-    except OSError as e:
-        raise OSError(f"text model {args.text_model!r} not found ({e}): give a local folder "
-                      f"(save_pretrained output) or download it once with network access.") from e
-    c = hf.config
-    if not 0 < args.text_layers < c.num_hidden_layers:
-        raise ValueError(f"--text-layers {args.text_layers}: {args.text_model} has {c.num_hidden_layers} layers; "
-                         f"keep at least one for the fusion encoder")
-    bert = Bert(c.vocab_size, c.hidden_size, c.num_attention_heads, args.text_layers,
-                c.num_hidden_layers - args.text_layers, image_width, c.max_position_embeddings, c.intermediate_size,
-                args.dropout)
-    init_weights(bert)
-    load_hf_bert(bert, hf.state_dict())
-    return bert
-
-
-# ============================== model (ALBEF) ================================================
+# ============================== the model (the method's parts) ===============================
 class ALBEF(nn.Module):
     def __init__(self, args, tokenizer):
         super().__init__()
@@ -614,47 +373,6 @@ def alpha_at(step, args, steps_per_epoch):
     return args.alpha * min(1.0, step / ramp) if ramp > 0 else args.alpha
 
 
-# ============================== boilerplate: optimizer, checkpoint ===========================
-def make_optimizer(model, args, device):
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the momentum model is excluded
-    decay = [p for n, p in params if p.ndim >= 2]
-    no_decay = [p for n, p in params if p.ndim < 2]
-    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
-    total = args.steps
-
-    def schedule(step):  # linear warm-up, then cosine to 0
-        if step < args.warmup:
-            return (step + 1) / args.warmup
-        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-
-
-def save_checkpoint(path, **state):
-    """Write atomically: a crash while saving never leaves a half-written checkpoint behind."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
-def rng_state():
-    return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
-
-
-def set_rng_state(s):
-    torch.set_rng_state(s["torch"])
-    random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
-
-
-def peak_memory_mib(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
-
-
 # ============================== train loop ===================================================
 def main(argv=None):
     args = data.parse_args(Args, argv)
@@ -768,6 +486,292 @@ def main(argv=None):
         json.dump(metrics, f, indent=2)
     print(ev.comparison_table({os.path.basename(run_dir): metrics}))
     return run_dir
+
+
+# ============================== appendix: generic parts (not the method) =====================
+# Everything below is standard plumbing that any vision-language trainer needs; read it after the method.
+# Python resolves these names when main() runs, so they can live after it.
+
+# ---- appendix A. encoders: attention, ViT, BERT
+class Attention(nn.Module):
+    """Multi-head attention of the queries x over the keys/values y: y = x is self-attention, y = image tokens
+    cross-attention. Bidirectional: key_mask (N, Lk) only hides padding; there is no causal mask anywhere."""
+
+    def __init__(self, width, heads, kv_width=None):
+        super().__init__()
+        self.heads = heads
+        self.q, self.o = nn.Linear(width, width), nn.Linear(width, width)
+        self.k, self.v = nn.Linear(kv_width or width, width), nn.Linear(kv_width or width, width)
+
+    def forward(self, x, y=None, key_mask=None):  # x (N, Lq, D), y (N, Lk, Dk), key_mask (N, Lk) 1 = real token
+        y = x if y is None else y
+        n, lq, d = x.shape
+        split = lambda t: t.view(n, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731 (N, h, L, D/h)
+        mask = None if key_mask is None else key_mask[:, None, None, :].bool()         # (N, 1, 1, Lk)
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(y)), split(self.v(y)), attn_mask=mask)
+        return self.o(out.transpose(1, 2).reshape(n, lq, d))                           # (N, Lq, D)
+
+
+def run_layer(layer, *inputs, checkpointed=False):
+    """layer(*inputs); with --grad-checkpoint its activations are recomputed in the backward pass, not stored."""
+    if checkpointed and torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
+    return layer(*inputs)
+
+
+def mlp(width, hidden):
+    return nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+
+class ViTBlock(nn.Module):
+    """Pre-norm transformer block of a ViT: x + attn(LN(x)), then x + MLP(LN(x))."""
+
+    def __init__(self, width, heads):
+        super().__init__()
+        self.norm1, self.attn = nn.LayerNorm(width, eps=1e-6), Attention(width, heads)
+        self.norm2, self.mlp = nn.LayerNorm(width, eps=1e-6), mlp(width, 4 * width)
+
+    def forward(self, x):
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
+
+
+class ViT(nn.Module):
+    """Image → P patches → P tokens (one linear map per patch, or a small CNN per patch grid cell) → [CLS]
+    prepended → transformer blocks → (N, 1+P, width)."""
+
+    def __init__(self, image_size, patch, width, depth, heads, stem="linear"):
+        super().__init__()
+        if image_size % patch:
+            raise ValueError(f"--image-size {image_size} is not a multiple of the ViT patch size {patch}")
+        self.patch, self.width, n_patches = patch, width, (image_size // patch) ** 2
+        if stem == "linear":
+            self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)  # a linear map of each p×p×3 patch
+        else:  # conv: log2(p) stages of two 3×3 convolutions (the first with stride 2), then 1×1: same token grid
+            chans, layers = [3] + [32 * 2 ** k for k in range(int(math.log2(patch)))], []
+            for cin, cout in zip(chans, chans[1:]):
+                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                           nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
+            self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, 1 + n_patches, width) * 0.02)
+        self.blocks = nn.ModuleList(ViTBlock(width, heads) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, eps=1e-6)
+        self.grad_checkpoint = False
+
+    def forward(self, images):                                   # (N, 3, H, W)
+        x = self.patch_embed(images).flatten(2).transpose(1, 2)  # (N, P, width): one token per patch
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1) + self.pos_embed  # (N, 1+P, width)
+        for block in self.blocks:
+            x = run_layer(block, x, checkpointed=self.grad_checkpoint)
+        return self.norm(x)                                      # token 0 is [CLS]
+
+
+class BertLayer(nn.Module):
+    """Post-norm BERT layer: self-attention, [cross-attention to the image tokens: fusion layers only], MLP."""
+
+    def __init__(self, width, heads, intermediate, dropout=0.0, image_width=None):
+        super().__init__()
+        self.self_attn, self.norm1 = Attention(width, heads), nn.LayerNorm(width, eps=1e-12)
+        self.cross_attn = Attention(width, heads, kv_width=image_width) if image_width else None
+        self.norm_cross = nn.LayerNorm(width, eps=1e-12) if image_width else None
+        self.mlp, self.norm2, self.drop = mlp(width, intermediate), nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
+
+    def forward(self, h, mask, image=None):  # h (N, L, W), mask (N, L), image (N, 1+P, Wv)
+        h = self.norm1(h + self.drop(self.self_attn(h, key_mask=mask)))   # every token sees every real token
+        if self.cross_attn is not None:
+            h = self.norm_cross(h + self.drop(self.cross_attn(h, image)))  # every text token sees every image token
+        return self.norm2(h + self.drop(self.mlp(h)))
+
+
+class Bert(nn.Module):
+    """One BERT, split in two: text_layers encode the text alone, then fusion_layers (with cross-attention
+    to the image) fuse it with the image. The MLM head (tied to the word embeddings) reads the fusion output."""
+
+    def __init__(self, vocab_size, width, heads, text_layers, fusion_layers, image_width, max_positions=64,
+                 intermediate=None, dropout=0.0):
+        super().__init__()
+        intermediate = intermediate or 4 * width
+        self.word_emb, self.pos_emb = nn.Embedding(vocab_size, width), nn.Embedding(max_positions, width)
+        self.emb_norm, self.emb_drop = nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
+        self.text_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout) for _ in range(text_layers))
+        self.fusion_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout, image_width)
+                                           for _ in range(fusion_layers))
+        self.mlm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=1e-12))
+        self.mlm_decoder = nn.Linear(width, vocab_size)
+        self.mlm_decoder.weight = self.word_emb.weight  # tied, as in BERT
+        self.grad_checkpoint = False
+
+    def encode_text(self, ids, mask):  # (N, L) -> (N, L, W): the text encoder, text only
+        h = self.emb_drop(self.emb_norm(self.word_emb(ids) + self.pos_emb.weight[:ids.shape[1]]))
+        for layer in self.text_layers:
+            h = run_layer(layer, h, mask, checkpointed=self.grad_checkpoint)
+        return h
+
+    def fuse(self, h, mask, image):  # text states (N, L, W) + image tokens (N, 1+P, Wv) -> (N, L, W)
+        for layer in self.fusion_layers:
+            h = run_layer(layer, h, mask, image, checkpointed=self.grad_checkpoint)
+        return h
+
+    def mlm_logits(self, h):  # (..., W) -> (..., vocab)
+        return self.mlm_decoder(self.mlm_transform(h))
+
+
+def init_weights(module):
+    """N(0, 1/fan_in) linear weights (LeCun), N(0, 0.02) embeddings, zero biases; LayerNorms stay at 1, 0.
+
+    Not BERT's N(0, 0.02) everywhere: that suits width 768 (0.02·√768 ≈ 0.55 gain per layer), but at width 128
+    every attention output is ~20× smaller than the residual stream, so the [CLS] state barely depends on the
+    other tokens and all captions start with the same ITC feature; against a queue ITC then never takes off
+    (measured). With 1/fan_in the small encoders start where BERT-base does. Pretrained weights overwrite it.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, std=m.in_features ** -0.5)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.Embedding):
+            nn.init.normal_(m.weight, std=0.02)
+
+
+# ---- appendix B. pretrained weights
+TV_VITS = {"vit_b_16": (16, 768, 12, 12), "vit_b_32": (32, 768, 12, 12), "vit_l_16": (16, 1024, 24, 16),
+           "vit_l_32": (32, 1024, 24, 16)}  # torchvision name -> (patch, width, depth, heads)
+
+
+def load_torchvision_vit(vit, tv_state):
+    """Copy a torchvision VisionTransformer state dict into our ViT (position grid resized if needed)."""
+    sd = {"patch_embed.weight": tv_state["conv_proj.weight"], "patch_embed.bias": tv_state["conv_proj.bias"],
+          "cls_token": tv_state["class_token"], "norm.weight": tv_state["encoder.ln.weight"],
+          "norm.bias": tv_state["encoder.ln.bias"]}
+    pos = tv_state["encoder.pos_embedding"]                              # (1, 1+G*G, width)
+    g_old, g_new = math.isqrt(pos.shape[1] - 1), math.isqrt(vit.pos_embed.shape[1] - 1)
+    grid = pos[:, 1:].reshape(1, g_old, g_old, -1).permute(0, 3, 1, 2)  # (1, width, G, G)
+    grid = F.interpolate(grid, size=(g_new, g_new), mode="bicubic", align_corners=False)
+    sd["pos_embed"] = torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, g_new * g_new, -1)], 1)
+    for i in range(len(vit.blocks)):
+        src, dst = f"encoder.layers.encoder_layer_{i}.", f"blocks.{i}."
+        for a, b in (("norm1", "ln_1"), ("norm2", "ln_2"), ("attn.o", "self_attention.out_proj"),
+                     ("mlp.0", "mlp.0"), ("mlp.2", "mlp.3")):
+            for t in ("weight", "bias"):
+                sd[f"{dst}{a}.{t}"] = tv_state[f"{src}{b}.{t}"]
+        for t in ("weight", "bias"):  # torchvision packs q, k, v into one in_proj
+            for name, part in zip("qkv", tv_state[f"{src}self_attention.in_proj_{t}"].chunk(3)):
+                sd[f"{dst}attn.{name}.{t}"] = part
+    vit.load_state_dict(sd)
+
+
+def build_vision(args):
+    if args.vision == "vit":
+        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads, args.vit_stem)
+        init_weights(vit)
+        return vit
+    if args.vision not in TV_VITS:
+        raise ValueError(f"--vision {args.vision!r}: choose vit or one of {', '.join(TV_VITS)}")
+    vit = ViT(args.image_size, *TV_VITS[args.vision])
+    init_weights(vit)
+    if args.pretrained_vision:
+        import torchvision
+        try:
+            tv = getattr(torchvision.models, args.vision)(weights="DEFAULT")
+        except Exception as e:  # noqa: BLE001 - no network
+            raise RuntimeError(f"could not load the torchvision weights of {args.vision!r}: {e}. Without the "
+                               f"network, put the weights file in $TORCH_HOME/hub/checkpoints/ or drop "
+                               f"--pretrained-vision.") from e
+        load_torchvision_vit(vit, tv.state_dict())
+    return vit
+
+
+def load_hf_bert(bert, hf_state):
+    """Copy a Hugging Face BertForMaskedLM state dict into our Bert: layer i < text_layers goes to the text
+    encoder, the rest to the fusion encoder (whose cross-attentions stay freshly initialized, as in ALBEF)."""
+    p = "bert.embeddings."
+    # BERT adds token_type_embeddings[0] to every token of a single sentence: fold it into the positions
+    sd = {"word_emb.weight": hf_state[p + "word_embeddings.weight"],
+          "pos_emb.weight": hf_state[p + "position_embeddings.weight"]
+          + hf_state[p + "token_type_embeddings.weight"][0],
+          "emb_norm.weight": hf_state[p + "LayerNorm.weight"], "emb_norm.bias": hf_state[p + "LayerNorm.bias"]}
+    for i in range(len(bert.text_layers) + len(bert.fusion_layers)):
+        dst = f"text_layers.{i}." if i < len(bert.text_layers) else f"fusion_layers.{i - len(bert.text_layers)}."
+        for a, b in (("self_attn.q", "attention.self.query"), ("self_attn.k", "attention.self.key"),
+                     ("self_attn.v", "attention.self.value"), ("self_attn.o", "attention.output.dense"),
+                     ("norm1", "attention.output.LayerNorm"), ("mlp.0", "intermediate.dense"),
+                     ("mlp.2", "output.dense"), ("norm2", "output.LayerNorm")):
+            for t in ("weight", "bias"):
+                sd[f"{dst}{a}.{t}"] = hf_state[f"bert.encoder.layer.{i}.{b}.{t}"]
+    head = {"mlm_transform.0": "transform.dense", "mlm_transform.2": "transform.LayerNorm"}
+    for a, b in head.items():
+        for t in ("weight", "bias"):
+            sd[f"{a}.{t}"] = hf_state[f"cls.predictions.{b}.{t}"]
+    sd["mlm_decoder.bias"] = hf_state["cls.predictions.bias"]
+    missing, unexpected = bert.load_state_dict(sd, strict=False)
+    assert not unexpected and all(".cross_attn." in k or ".norm_cross." in k or k == "mlm_decoder.weight"
+                                  for k in missing), (missing, unexpected)
+
+
+def build_bert(args, vocab_size, image_width):
+    if not args.text_model:
+        bert = Bert(vocab_size, args.text_width, args.text_heads, args.text_layers, args.fusion_layers, image_width,
+                    max(64, args.max_len), dropout=args.dropout)
+        init_weights(bert)
+        return bert
+    from transformers import BertForMaskedLM
+    try:
+        hf = BertForMaskedLM.from_pretrained(args.text_model)
+    except OSError as e:
+        raise OSError(f"text model {args.text_model!r} not found ({e}): give a local folder "
+                      f"(save_pretrained output) or download it once with network access.") from e
+    c = hf.config
+    if not 0 < args.text_layers < c.num_hidden_layers:
+        raise ValueError(f"--text-layers {args.text_layers}: {args.text_model} has {c.num_hidden_layers} layers; "
+                         f"keep at least one for the fusion encoder")
+    bert = Bert(c.vocab_size, c.hidden_size, c.num_attention_heads, args.text_layers,
+                c.num_hidden_layers - args.text_layers, image_width, c.max_position_embeddings, c.intermediate_size,
+                args.dropout)
+    init_weights(bert)
+    load_hf_bert(bert, hf.state_dict())
+    return bert
+
+
+# ---- appendix C. optimizer, checkpoint, RNG
+def make_optimizer(model, args, device):
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the momentum model is excluded
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    opt = torch.optim.AdamW(groups, lr=args.lr, betas=(0.9, 0.98), eps=1e-6, fused=device.type == "cuda")
+    total = args.steps
+
+    def schedule(step):  # linear warm-up, then cosine to 0
+        if step < args.warmup:
+            return (step + 1) / args.warmup
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - args.warmup) / max(1, total - args.warmup))))
+    return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+
+
+def save_checkpoint(path, **state):
+    """Write atomically: a crash while saving never leaves a half-written checkpoint behind."""
+    tmp = path + ".tmp"
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def rng_state():
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s):
+    torch.set_rng_state(s["torch"])
+    random.setstate(s["python"])
+    if s["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def peak_memory_mib(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
 
 
 if __name__ == "__main__":
