@@ -20,7 +20,8 @@ z leaves out (the modality-specific information of Theorem 1): orthogonal to z, 
 
     L_ortho  = 1/N Σ_j (⟨z_Vj, z_Vj^i⟩² + ⟨z_Tj, z_Tj^i⟩²)
     L_con^i  = NCE(z_V^i, z_V^{a,i}) + NCE(z_T^i, z_T^{a,i})       (z^{a,i}: the augmented view's z^i)
-    L_uni^i  = log mean_{j≠k} [G_t(z_Vj^i, z_Vk^i) + G_t(z_Tj^i, z_Tk^i)],   G_t(u, v) = exp(−t‖u − v‖²), t = 2
+    L_uni^i  = log mean_{j≠k} G_t(z_Vj^i, z_Vk^i) + log mean_{j≠k} G_t(z_Tj^i, z_Tk^i)
+               G_t(u, v) = exp(−t‖u − v‖²), t = 2 (Wang & Isola's uniformity, one log per modality)
     L_Sep    = L_ortho + L_con^i + L_uni^i          L = L_con + w·L_Sep    (w = --sep-weight)
 
 Readings of the slides: (1) L_V2V^i prints the numerator ⟨z_Vj^i, z_Vj^i⟩ = 1, a typo for the two views
@@ -181,14 +182,19 @@ def loss_con_i(zv_i, zv_ai, zt_i, zt_ai, logit_scale):
     return nce(zv_i, zv_ai, logit_scale) + nce(zt_i, zt_ai, logit_scale)
 
 
+def uniformity(z, t=2.0):
+    """Wang & Isola's uniformity of one modality: log of the mean Gaussian potential over the pairs j ≠ k."""
+    n = len(z)                                                     # z (N, E), unit norm
+    # G_t(u, v) = exp(−t‖u − v‖²), ‖u − v‖² = 2 − 2⟨u, v⟩ for unit vectors (no sqrt: finite gradient)  (N, N)
+    g = torch.exp(-t * (2 - 2 * z @ z.t()))
+    # log mean_{j≠k} G_t(z_j, z_k): the diagonal (G_t = 1) is subtracted, not indexed out (no host sync)
+    return ((g.sum() - g.diagonal().sum()) / (n * (n - 1))).log()
+
+
 def loss_uni(zv_i, zt_i, t=2.0):
-    """L_uni^i: Wang & Isola's uniformity of z^i (log of the mean Gaussian potential over pairs j ≠ k)."""
-    zv_i, zt_i = zv_i.float(), zt_i.float()  # (N, E) each, unit norm
-    off = ~torch.eye(len(zv_i), dtype=torch.bool, device=zv_i.device)  # (N, N), the pairs j ≠ k
-    # G_t(u, v) = exp(−t‖u − v‖²) with ‖u − v‖² = 2 − 2⟨u, v⟩ for unit vectors (no sqrt: finite gradient)  (N, N)
-    g = torch.exp(-t * (2 - 2 * zv_i @ zv_i.t())) + torch.exp(-t * (2 - 2 * zt_i @ zt_i.t()))
-    # L_uni^i = log mean_{j≠k} [G_t(z_Vj^i, z_Vk^i) + G_t(z_Tj^i, z_Tk^i)]
-    return g[off].mean().log()
+    """L_uni^i: the uniformity of z^i, one log per modality (each modality keeps its own repulsion)."""
+    # L_uni^i = log mean_{j≠k} G_t(z_Vj^i, z_Vk^i) + log mean_{j≠k} G_t(z_Tj^i, z_Tk^i)
+    return uniformity(zv_i.float(), t) + uniformity(zt_i.float(), t)
 
 
 def compute_losses(model, batch, args):

@@ -41,27 +41,27 @@ def test_loss_con_i_matches_loop():
     assert sep.loss_con_i(zv_i, zv_ai, zt_i, zt_ai, SCALE).item() == pytest.approx(loop, rel=1e-5)
 
 
-def uni_loop(zv_i, zt_i, t=2.0):
-    """log mean_{j≠k} [exp(−t‖z_Vj^i − z_Vk^i‖²) + exp(−t‖z_Tj^i − z_Tk^i‖²)], one pair at a time."""
-    n, total = len(zv_i), 0.0
-    for j in range(n):
-        for k in range(n):
-            if j != k:
-                total += math.exp(-t * float((zv_i[j] - zv_i[k]).square().sum()))
-                total += math.exp(-t * float((zt_i[j] - zt_i[k]).square().sum()))
+def uni_loop(z, t=2.0):
+    """log mean_{j≠k} exp(−t‖z_j − z_k‖²) of one modality, one pair at a time."""
+    n = len(z)
+    total = sum(math.exp(-t * float((z[j] - z[k]).square().sum())) for j in range(n) for k in range(n) if j != k)
     return math.log(total / (n * (n - 1)))
 
 
-def test_loss_uni_matches_loop():
+def test_loss_uni_matches_loop_one_log_per_modality():
     zv_i, zt_i = unit(6, 4, seed=9), unit(6, 4, seed=10)
-    assert sep.loss_uni(zv_i, zt_i).item() == pytest.approx(uni_loop(zv_i, zt_i), rel=1e-5)
-    assert sep.loss_uni(zv_i, zt_i, t=0.5).item() == pytest.approx(uni_loop(zv_i, zt_i, 0.5), rel=1e-5)
-    # collapsed features (every point equal): G_t = 1 everywhere, the maximum log 2
+    for t in (2.0, 0.5):
+        want = uni_loop(zv_i, t) + uni_loop(zt_i, t)
+        assert sep.loss_uni(zv_i, zt_i, t=t).item() == pytest.approx(want, rel=1e-5)
+    # collapsed features (every point equal): G_t = 1 everywhere, log 1 + log 1 = 0, the maximum
     same = unit(1, 4, seed=11).expand(6, 4)
-    assert sep.loss_uni(same, same).item() == pytest.approx(math.log(2), abs=1e-6)
-    # the 4 + 4 vertices of two regular simplices are spread out: much lower
+    assert sep.loss_uni(same, same).item() == pytest.approx(0.0, abs=1e-6)
+    # the 4 vertices of a regular simplex (⟨u, v⟩ = −1/3, ‖u − v‖² = 8/3): −2·(8/3) per modality
     simplex = F.normalize(torch.eye(4, dtype=torch.float64) - 0.25, dim=-1)
-    assert sep.loss_uni(simplex, simplex).item() < math.log(2) - 4
+    assert sep.loss_uni(simplex, simplex).item() == pytest.approx(-2 * 2 * 8 / 3, rel=1e-5)
+    # one log per modality: a collapsed text side does not hide the image side's spread (one log of the sum
+    # would give log((e^{-16/3} + 1)/2) ≈ −0.69 and let the image term vanish behind the text term)
+    assert sep.loss_uni(simplex, same[:4]).item() == pytest.approx(-2 * 8 / 3, rel=1e-5)
 
 
 # ------------------------------------------------------------------ bridge.py: L_Br
