@@ -1,4 +1,7 @@
-"""albef_fusion.py: ALBEF, "align before fuse" (Li et al., NeurIPS 2021; seed 001).
+"""albef_fusion.py: ALBEF, "align before fuse": Li et al., "Align before Fuse: Vision and Language
+Representation Learning with Momentum Distillation", NeurIPS 2021 (arXiv:2107.07651); the momentum queue
+follows MoCo (He et al., "Momentum Contrast for Unsupervised Visual Representation Learning", CVPR 2020,
+arXiv:1911.05722).
 
 Method. A ViT encodes the image into tokens v = (v_cls, v_1..v_P); the first layers of a BERT encode
 the text alone into w = (w_cls, w_1..w_L); the last layers of the same BERT, each with an added
@@ -21,7 +24,7 @@ one negative image and for every image one negative text, drawn from the in-batc
     L_itm = E[ H(y^itm, p^itm(I, T)) ]     over the N positive and 2N negative pairs (labels 1, 0, 0)
     L = L_itc + L_mlm + L_itm
 
-Readings where the slides are short (and what the reference code does):
+Readings where the paper is brief (and what the authors' released code does):
 - v_cls, w_cls stand for the pooled unimodal features: the [CLS] token in the reference (--pool cls), the mean
   of the real tokens by default here (see below).
 - ITC's in-batch positives are momentum features too: online features are contrasted against
@@ -40,16 +43,16 @@ first epoch, AdamW lr 1e-4 from pretrained encoders, batch 512 (64 per GPU), [CL
 trains from scratch in 3–5½ minutes (1,200 steps of 32, ITM reranking of the top 8); its departures, each
 measured on the synthetic benchmark (the runs are in docs/results.md): a conv stem embeds each 8×8 patch (16
 tokens; a linear-patch ViT learned no shape at this budget) and one transformer block follows (three learned
-shape more slowly), many small steps rather than few large ones (at the same pairs, 1,400 × 32 beat 350 × 128),
-M = 256 and m = 0.99 (the run is shorter than one epoch: old queue entries are stale negatives), E = 128,
-mean-pooled unimodal features (--pool mean: learned faster than [CLS] from scratch), and linear weights at
-N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
+shape more slowly), many small steps rather than few large ones (at the same pairs, 1,400 × 32 beat 350 ×
+128), M = 256 and m = 0.99 (the run is shorter than one epoch: old queue entries are stale negatives), E =
+128, mean-pooled unimodal features (--pool mean: learned faster than [CLS] from scratch), and linear weights
+at N(0, 1/fan_in) rather than BERT's N(0, 0.02) (see init_weights).
 
 Run it:  python albef_fusion.py                   (synthetic benchmark, CPU, 3–5½ minutes)
          python albef_fusion.py --data karpathy --data-root DIR --vision vit_b_16 --pretrained-vision \
              --text-model bert-base-uncased --tokenizer bert-base-uncased --text-layers 6 --image-size 256 \
-             --embed-dim 256 --queue-size 65536 --momentum 0.995 --alpha-ramp -1 --lr 1e-4 --weight-decay 0.02 \
-             --batch-size 64 --pool cls --precision bf16 --itm-k 128
+             --embed-dim 256 --queue-size 65536 --momentum 0.995 --alpha-ramp -1 --lr 1e-4 \
+             --weight-decay 0.02 --batch-size 64 --pool cls --precision bf16 --itm-k 128
 Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
 """
 # ============================== imports ======================================================
@@ -59,6 +62,9 @@ import math
 import os
 import random
 import resource
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -86,9 +92,10 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     compile: bool = False
     """torch.compile every transformer layer"""
     grad_checkpoint: bool = False
-    """recompute each transformer layer in the backward pass instead of storing its activations (less memory)"""
-    torch_deterministic: bool = True
-    """cudnn.deterministic (bit-exact resume on GPU; a little slower)"""
+    """recompute each transformer layer in the backward pass instead of storing its activations (less
+    memory)"""
+    torch_deterministic: bool = False
+    """GPU: deterministic cuDNN kernels, no autotuning (slower; what stays bit-exact: docs/gpu.md)"""
     out: str = "runs"
     """parent folder of the run folder"""
     resume: str = ""
@@ -110,15 +117,22 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     log_every: int = 20
     """steps between log.jsonl lines"""
     save_every: int = 0
-    """steps between checkpoints (0 = only at the end or at --stop-at)"""
+    """steps between checkpoints (0 = none by step count; see --save-minutes)"""
+    save_minutes: float = 10.0
+    """minutes of training between checkpoints (0 = off); also saved after each epoch of real data, at the
+    end, at --stop-at and on Ctrl-C / SIGTERM"""
+    eval_every: int = 0
+    """steps between cheap validations on the validation split, written to log.jsonl as val/... (0 = off)"""
     vision: str = "vit"
-    """image encoder: vit (small, from scratch, sized by --vit-*) or torchvision's vit_b_16 / vit_b_32 / vit_l_16"""
+    """image encoder: vit (small, from scratch, sized by --vit-*) or torchvision's vit_b_16 / vit_b_32 /
+    vit_l_16"""
     pretrained_vision: bool = False
     """load the torchvision ImageNet weights of --vision (needs the network once)"""
     vit_patch: int = 8
     """small ViT: patch size in pixels (32 px / 8 = 4×4 = 16 patch tokens, plus [CLS])"""
     vit_stem: str = "conv"
-    """small ViT: linear (one linear map per patch, as in ViT) or conv (a small CNN down to the same patch grid)"""
+    """small ViT: linear (one linear map per patch, as in ViT) or conv (a small CNN down to the same patch
+    grid)"""
     vit_width: int = 128
     """small ViT: token width"""
     vit_depth: int = 1
@@ -130,13 +144,15 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     text_layers: int = 2
     """BERT layers that encode the text alone; the rest are the fusion encoder (the reference: 6 of 12)"""
     fusion_layers: int = 1
-    """small BERT: fusion layers (with cross-attention) after the text layers; a pretrained BERT uses the rest"""
+    """small BERT: fusion layers (with cross-attention) after the text layers; a pretrained BERT uses the
+    rest"""
     text_width: int = 128
     """small BERT: hidden size"""
     text_heads: int = 4
     """small BERT: attention heads"""
     dropout: float = 0.0
-    """dropout in the BERT layers (BERT and the reference: 0.1)"""
+    """dropout of the embeddings and of each BERT sublayer's output (BERT: 0.1; its attention-probability
+    dropout is not implemented here)"""
     embed_dim: int = 128
     """dimension of the shared ITC embedding (the reference: 256)"""
     queue_size: int = 256
@@ -146,7 +162,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     alpha: float = 0.4
     """α, weight of the momentum model's pseudo-targets in ITC and MLM"""
     alpha_ramp: int = 300
-    """steps over which α rises linearly from 0 (-1 = the first epoch, the reference's schedule; 0 = no ramp)"""
+    """steps over which α rises linearly from 0 (-1 = the first epoch, the reference's schedule; 0 = no
+    ramp)"""
     temp: float = 0.07
     """initial temperature τ (learned, clamped to [0.001, 0.5])"""
     mlm_prob: float = 0.15
@@ -154,7 +171,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     itm_k: int = 8
     """retrieval evaluation: ITC candidates per query reranked by ITM (the reference: 256 COCO, 128 Flickr)"""
     pool: str = "mean"
-    """unimodal feature for ITC and the contract: mean (of the real tokens) or cls ([CLS] token, the reference)"""
+    """unimodal feature for ITC and the contract: mean (of the real tokens) or cls ([CLS] token, the
+    reference)"""
 
 
 # ============================== the model (the method's parts) ===============================
@@ -163,12 +181,14 @@ class ALBEF(nn.Module):
         super().__init__()
         # ---- online model: trained by the optimizer
         self.visual = build_vision(args)                                          # image encoder (ViT)
-        self.bert = build_bert(args, len(tokenizer), self.visual.width)            # text encoder + fusion encoder
+        # text encoder + fusion encoder
+        self.bert = build_bert(args, len(tokenizer), self.visual.width)
         self.visual.grad_checkpoint = self.bert.grad_checkpoint = args.grad_checkpoint
         width = self.bert.word_emb.embedding_dim
         self.vision_proj = nn.Linear(self.visual.width, args.embed_dim)          # g_v
         self.text_proj = nn.Linear(width, args.embed_dim)                        # g_w
-        self.itm_head = nn.Linear(width, 2)                                      # fusion [CLS] -> (no match, match)
+        # fusion [CLS] -> (no match, match)
+        self.itm_head = nn.Linear(width, 2)
         self.temp = nn.Parameter(torch.tensor(args.temp))                        # τ
         for m in (self.vision_proj, self.text_proj, self.itm_head):
             init_weights(m)
@@ -181,19 +201,23 @@ class ALBEF(nn.Module):
         self.register_buffer("image_queue", F.normalize(torch.randn(args.queue_size, args.embed_dim), dim=-1))
         self.register_buffer("text_queue", F.normalize(torch.randn(args.queue_size, args.embed_dim), dim=-1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
-        self.special_ids = [i for i in (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
-                            if i is not None]
+        # [PAD], [CLS], [SEP], never masked by MLM: a buffer, built once and on the model's device
+        special = (tokenizer.pad_token_id, tokenizer.cls_token_id, tokenizer.sep_token_id)
+        self.register_buffer("special_ids", torch.tensor([i for i in special if i is not None]),
+                             persistent=False)
         self.mask_id, self.vocab_size = tokenizer.mask_token_id, len(tokenizer)
         self.pooling = args.pool
 
     def momentum_pairs(self):  # (online, momentum) modules of θ_m ← m θ_m + (1 − m) θ
-        return [(self.visual, self.visual_m), (self.bert, self.bert_m), (self.vision_proj, self.vision_proj_m),
+        return [(self.visual, self.visual_m), (self.bert, self.bert_m), (self.vision_proj,
+                                                                         self.vision_proj_m),
                 (self.text_proj, self.text_proj_m)]
 
     def momentum_parameters(self):
         return [p for _, m in self.momentum_pairs() for p in m.parameters()]
 
-    def pool(self, h, mask=None):  # tokens (N, L, D) -> (N, D): [CLS] (the reference) or the mean of the real tokens
+    # tokens (N, L, D) -> (N, D): [CLS] (the reference) or the mean of the real tokens
+    def pool(self, h, mask=None):
         if self.pooling == "cls":
             return h[:, 0]
         mask = h.new_ones(h.shape[:2]) if mask is None else mask.to(h.dtype)
@@ -204,14 +228,20 @@ class ALBEF(nn.Module):
         return F.normalize(self.vision_proj(self.pool(self.visual(images))), dim=-1)
 
     def encode_text(self, input_ids, attention_mask):  # (N, L) -> g_w(w_cls) (N, E), unit norm
-        return F.normalize(self.text_proj(self.pool(self.bert.encode_text(input_ids, attention_mask), attention_mask)),
+        return F.normalize(self.text_proj(self.pool(self.bert.encode_text(input_ids, attention_mask),
+                                                    attention_mask)),
                            dim=-1)
 
     def itm_score(self, images, input_ids, attention_mask):  # (N,) logit_match − logit_no_match of each pair
-        # each distinct image is encoded once (eval.py sends the pairs sorted by image: few distinct per batch)
-        uniq, inverse = torch.unique(images.flatten(1), dim=0, return_inverse=True)
-        image = self.visual(uniq.view(-1, *images.shape[1:]))[inverse]                    # (N, 1+P, Wv)
-        h = self.bert.fuse(self.bert.encode_text(input_ids, attention_mask), attention_mask, image)  # (N, L, W)
+        return self.itm_score_tokens(self.image_tokens(images), input_ids, attention_mask)
+
+    def image_tokens(self, images):  # (N, 3, H, W) -> (N, 1+P, Wv): what the fusion encoder attends to
+        return self.visual(images)
+
+    def itm_score_tokens(self, image, input_ids, attention_mask):  # image tokens (N, 1+P, Wv) -> (N,)
+        # eval.py encodes each image once and indexes its tokens per candidate caption
+        # (N, L, W)
+        h = self.bert.fuse(self.bert.encode_text(input_ids, attention_mask), attention_mask, image)
         logits = self.itm_head(h[:, 0])                                                    # (N, 2)
         return logits[:, 1] - logits[:, 0]
 
@@ -223,41 +253,48 @@ def build_model(args, tokenizer):
 # ============================== losses (the method) ==========================================
 @torch.no_grad()
 def momentum_update(pairs, m):
-    """θ_m ← m θ_m + (1 − m) θ for every (online, momentum) module pair."""
-    for online, momentum in pairs:
-        for p, p_m in zip(online.parameters(), momentum.parameters()):
-            # θ_m ← m θ_m + (1 − m) θ
-            p_m.mul_(m).add_(p.detach(), alpha=1 - m)
+    """θ_m ← m θ_m + (1 − m) θ for every (online, momentum) module pair, all tensors at once: two foreach
+    operations (a few kernel launches), not two per tensor in a Python loop over hundreds of tensors."""
+    online = [p.detach() for o, _ in pairs for p in o.parameters()]   # θ, in the order of ...
+    momentum = [p for _, o_m in pairs for p in o_m.parameters()]      # ... θ_m (a deep copy: same order)
+    # θ_m ← m θ_m + (1 − m) θ
+    torch._foreach_mul_(momentum, m)
+    torch._foreach_add_(momentum, online, alpha=1 - m)
 
 
 def check_queue(queue_size, batch_size):
     if queue_size % batch_size:
-        raise ValueError(f"--queue-size {queue_size} is not a multiple of --batch-size {batch_size}: each step "
-                         f"replaces the oldest {batch_size} entries, so the queue must hold a whole number of "
-                         f"batches (e.g. --queue-size {max(1, round(queue_size / batch_size)) * batch_size})")
+        fix = max(1, round(queue_size / batch_size)) * batch_size
+        raise ValueError(f"--queue-size {queue_size} is not a multiple of --batch-size {batch_size}: each "
+                         f"step replaces the oldest {batch_size} entries, so the queue must hold a whole "
+                         f"number of batches (e.g. --queue-size {fix})")
 
 
 @torch.no_grad()
 def dequeue_and_enqueue(image_queue, text_queue, queue_ptr, image_feat_m, text_feat_m):
-    """FIFO queues as ring buffers (M, E): this batch's N momentum features overwrite the N oldest rows."""
-    n, ptr = len(image_feat_m), int(queue_ptr)
+    """FIFO queues as ring buffers (M, E): this batch's N momentum features overwrite the N oldest rows.
+    The pointer stays on the device and the rows are an index computed from it: the host never reads it."""
+    n = len(image_feat_m)
     check_queue(len(image_queue), n)
-    image_queue[ptr:ptr + n] = image_feat_m        # rows ptr .. ptr+N−1 held the oldest features: dequeued
-    text_queue[ptr:ptr + n] = text_feat_m
-    queue_ptr.fill_((ptr + n) % len(image_queue))  # the next oldest; wraps around to 0 after M / N steps
+    rows = queue_ptr + torch.arange(n, device=queue_ptr.device)  # (N,) ptr..ptr+N−1 held the oldest: dequeued
+    image_queue.index_copy_(0, rows, image_feat_m.to(image_queue.dtype))
+    text_queue.index_copy_(0, rows, text_feat_m.to(text_queue.dtype))
+    queue_ptr.add_(n).remainder_(len(image_queue))               # the next oldest; 0 again after M / N steps
 
 
 def distill_targets(s_m, alpha):
-    """Pseudo-targets of one direction: s_m (N, N+M) momentum similarities / τ; row j's positive is column j."""
+    """Pseudo-targets of one direction: s_m (N, N+M) momentum similarities / τ; row j's positive is
+    column j."""
     onehot = torch.zeros_like(s_m)
     onehot.fill_diagonal_(1)                               # (N, N+M), 1 at (j, j)
-    # y = α·softmax(s_m/τ) + (1 − α)·onehot
+    # y = α·softmax(s_m) + (1 − α)·onehot       (s_m is already divided by τ)
     return alpha * F.softmax(s_m, dim=1) + (1 - alpha) * onehot
 
 
 def distilled_nce(z, z_m, keys, temp, alpha):
-    """One direction of ITC: online queries z (N, E) against keys (N+M, E) = [momentum batch ; queue], query j's
-    positive is key j; the soft targets come from the momentum queries z_m (N, E). Returns (H, s) with s (N, N+M)."""
+    """One direction of ITC: online queries z (N, E) against keys (N+M, E) = [momentum batch ; queue],
+    query j's positive is key j; the soft targets come from the momentum queries z_m (N, E). Returns (H, s)
+    with s (N, N+M)."""
     with torch.autocast(z.device.type, enabled=False):  # fp32 logits under bf16/fp16 autocast too
         with torch.no_grad():  # the momentum model's own similarities give the soft targets
             y = distill_targets(z_m.float() @ keys.float().t() / temp, alpha)     # (N, N+M)
@@ -268,9 +305,11 @@ def distilled_nce(z, z_m, keys, temp, alpha):
 
 
 def loss_itc(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha):
-    """L_itc of online features z (N, E) against [momentum batch ; queue] (N+M, E). Returns (loss, s_i2t, s_t2i)."""
+    """L_itc of online features z (N, E) against [momentum batch ; queue] (N+M, E).
+    Returns (loss, s_i2t, s_t2i)."""
     temp = temp.float()
-    z_v_all = torch.cat([z_v_m.float(), image_queue.float()])     # (N+M, E) g'_v(v'_cls): this batch, then the queue
+    # (N+M, E) g'_v(v'_cls): this batch, then the queue
+    z_v_all = torch.cat([z_v_m.float(), image_queue.float()])
     z_t_all = torch.cat([z_t_m.float(), text_queue.float()])      # (N+M, E) g'_w(w'_cls)
     h_i2t, s_i2t = distilled_nce(z_v, z_v_m, z_t_all, temp, alpha)
     h_t2i, s_t2i = distilled_nce(z_t, z_t_m, z_v_all, temp, alpha)
@@ -281,28 +320,32 @@ def loss_itc(z_v, z_t, z_v_m, z_t_m, image_queue, text_queue, temp, alpha):
 def mask_tokens(input_ids, vocab_size, mask_id, special_ids, prob=0.15):
     """BERT masking: each real token is chosen with probability `prob`, never [PAD]/[CLS]/[SEP] (special_ids);
     a chosen token becomes [MASK] (80%), a random id (10%) or stays (10%). Returns (masked ids, labels):
-    labels hold the original id at the chosen positions and −100 elsewhere. Draws from the global RNG."""
-    ids, labels = input_ids.clone(), input_ids.clone()                               # (N, L)
-    chosen = torch.rand(ids.shape, device=ids.device) < prob
-    chosen &= ~torch.isin(ids, torch.tensor(special_ids, device=ids.device))
-    labels[~chosen] = -100
-    r = torch.rand(ids.shape, device=ids.device)                                     # one draw decides 80/10/10
-    ids[chosen & (r < 0.8)] = mask_id
-    random_ids = torch.randint(vocab_size, ids.shape, device=ids.device)
-    to_random = chosen & (r >= 0.8) & (r < 0.9)
-    ids[to_random] = random_ids[to_random]
+    labels hold the original id at the chosen positions and −100 elsewhere. Draws from the global RNG.
+    Whole (N, L) masks and torch.where: no boolean-mask indexing, whose result size the host must read."""
+    ids, device = input_ids, input_ids.device                                    # (N, L)
+    special_ids = torch.as_tensor(special_ids, device=device)                   # the model's buffer: no copy
+    special = (ids[..., None] == special_ids).any(-1)                            # (N, L) [PAD], [CLS], [SEP]
+    chosen = (torch.rand(ids.shape, device=device) < prob) & ~special           # (N, L) the tokens to predict
+    labels = ids.masked_fill(~chosen, -100)
+    r = torch.rand(ids.shape, device=device)                                    # one draw decides 80/10/10
+    random_ids = torch.randint(vocab_size, ids.shape, device=device)
+    ids = torch.where(chosen & (r < 0.8), mask_id, ids)                         # 80% [MASK]
+    ids = torch.where(chosen & (r >= 0.8) & (r < 0.9), random_ids, ids)         # 10% a random id, 10% kept
     return ids, labels
 
 
 def loss_mlm(logits, logits_m, labels, alpha):
-    """logits, logits_m (K, V) of the online and momentum fusion encoders at the K masked tokens; labels (K,)."""
-    logits = logits.float()
-    # H(y^msk, p^msk): cross-entropy with the original tokens
-    ce = F.cross_entropy(logits, labels)
-    # H(p^msk_m, p^msk): cross-entropy with the momentum model's prediction
-    distill = -(F.softmax(logits_m.float(), -1) * F.log_softmax(logits, -1)).sum(-1).mean()
-    # L_mlm = (1 − α)·H(y^msk, p^msk) + α·H(p^msk_m, p^msk)
-    return (1 - alpha) * ce + alpha * distill
+    """logits, logits_m (..., V) of the online and momentum fusion encoders at every token; labels (...) hold
+    the original id at the K masked tokens and −100 at the others, ignored (as in BERT's own MLM head)."""
+    logits, logits_m = logits.flatten(0, -2).float(), logits_m.flatten(0, -2).float()  # (N·L, V)
+    labels = labels.flatten()                                            # (N·L,)
+    at = (labels != -100).float()                                        # (N·L,) 1 at the K masked tokens
+    # H(y^msk, p^msk): cross-entropy with the original tokens (0 where ignored)                  (N·L,)
+    ce = F.cross_entropy(logits, labels, reduction="none")
+    # H(p^msk_m, p^msk): cross-entropy with the momentum model's prediction                         (N·L,)
+    distill = -(F.softmax(logits_m, -1) * F.log_softmax(logits, -1)).sum(-1)
+    # L_mlm = (1 − α)·H(y^msk, p^msk) + α·H(p^msk_m, p^msk), the mean over the K masked tokens (0 if K = 0)
+    return (((1 - alpha) * ce + alpha * distill) * at).sum() / at.sum().clamp(min=1)
 
 
 @torch.no_grad()
@@ -315,12 +358,22 @@ def hard_negatives(s_i2t, s_t2i, same=None, eps=1e-4):
     # w_jk = softmax_k(s_jk) + ε (after the softmax: every row keeps mass), 0 for the positive(s)
     w_i2t = (F.softmax(s_i2t.float(), dim=1) + eps).masked_fill(same, 0)
     w_t2i = (F.softmax(s_t2i.float(), dim=1) + eps).masked_fill(same, 0)
-    return torch.multinomial(w_i2t, 1).squeeze(1), torch.multinomial(w_t2i, 1).squeeze(1)
+    return sample_rows(w_i2t), sample_rows(w_t2i)
+
+
+def sample_rows(w):
+    """One column per row of w (N, K) ≥ 0, column k with probability w_jk / Σ_k' w_jk', by Gumbel-max:
+    argmax_k (log w_jk + g_jk) with g = −log E standard Gumbel noise, E ~ Exp(1), i.e. argmax_k w_jk / E_jk.
+    This is how torch.multinomial(w, 1) draws too (the same draws from the same RNG state), without its checks
+    of w on the host (two syncs). A zero weight is never drawn (scored 0, also where a draw E is 0)."""
+    torch._assert_async((w > 0).any(1).all(), "hard negatives: a row with nothing to draw (one image)")
+    e = torch.empty_like(w).exponential_()                                # (N, K) E ~ Exp(1)
+    return torch.where(w > 0, w / e, 0).argmax(1)                         # (N,)
 
 
 def loss_itm(itm_logits, n):
     """itm_logits (3N, 2) of [N positives ; N (text, negative image) ; N (negative text, image)]."""
-    labels = torch.cat([torch.ones(n), torch.zeros(2 * n)]).long().to(itm_logits.device)  # y^itm: 1, 0, 0
+    labels = (torch.arange(3 * n, device=itm_logits.device) < n).long()  # y^itm: 1, 0, 0 (on the device)
     # L_itm = H(y^itm, p^itm(I, T))
     return F.cross_entropy(itm_logits.float(), labels)
 
@@ -330,30 +383,35 @@ def compute_losses(model, batch, args, alpha):
     image, ids, mask = batch["image"], batch["input_ids"], batch["attention_mask"]
     n = len(image)
     # ---- unimodal encoders: the image, and the text alone (first BERT layers)
-    v = model.visual(image)                                             # (N, 1+P, Wv) image tokens, v[:, 0] = [CLS]
+    # (N, 1+P, Wv) image tokens, v[:, 0] = [CLS]
+    v = model.visual(image)
     w = model.bert.encode_text(ids, mask)                               # (N, L, W) text-only states
     z_v = F.normalize(model.vision_proj(model.pool(v)), dim=-1)         # (N, E) g_v(v_cls)
     z_t = F.normalize(model.text_proj(model.pool(w, mask)), dim=-1)     # (N, E) g_w(w_cls)
     with torch.no_grad():  # the momentum model on the same inputs
         v_m = model.visual_m(image)                                     # (N, 1+P, Wv)
-        z_v_m = F.normalize(model.vision_proj_m(model.pool(v_m)), dim=-1)                   # (N, E) g'_v(v'_cls)
+        # (N, E) g'_v(v'_cls)
+        z_v_m = F.normalize(model.vision_proj_m(model.pool(v_m)), dim=-1)
         z_t_m = F.normalize(model.text_proj_m(model.pool(model.bert_m.encode_text(ids, mask), mask)), dim=-1)
 
     # ---- ITC against [momentum batch ; queue], with momentum distillation
     terms = {}
-    terms["itc"], s_i2t, s_t2i = loss_itc(z_v, z_t, z_v_m, z_t_m, model.image_queue, model.text_queue, model.temp,
+    terms["itc"], s_i2t, s_t2i = loss_itc(z_v, z_t, z_v_m, z_t_m, model.image_queue, model.text_queue,
+                                          model.temp,
                                           alpha)
 
-    # ---- MLM: the fusion encoder (last BERT layers + cross-attention) predicts the masked tokens
+    # ---- MLM: the fusion encoder (last BERT layers + cross-attention) predicts the masked tokens.
+    # Every token is scored, the unmasked ones ignored (labels −100), as BERT's MLM head and ALBEF's code do:
+    # N·L·V logits, not K·V (≥ 1/0.15 ≈ 7× more), but no h[masked], whose size K the host must read (a sync)
     masked_ids, labels = mask_tokens(ids, model.vocab_size, model.mask_id, model.special_ids, args.mlm_prob)
-    at = labels != -100                                                 # (N, L) the K masked positions
     h = model.bert.fuse(model.bert.encode_text(masked_ids, mask), mask, v)          # (N, L, W)
     with torch.no_grad():
         h_m = model.bert_m.fuse(model.bert_m.encode_text(masked_ids, mask), mask, v_m)
-        logits_m = model.bert_m.mlm_logits(h_m[at])                     # (K, V)
-    terms["mlm"] = loss_mlm(model.bert.mlm_logits(h[at]), logits_m, labels[at], alpha)
+        logits_m = model.bert_m.mlm_logits(h_m)                         # (N, L, V)
+    terms["mlm"] = loss_mlm(model.bert.mlm_logits(h), logits_m, labels, alpha)
 
-    # ---- ITM with hard negatives: N positive pairs, N (text, hard negative image), N (hard negative text, image)
+    # ---- ITM with hard negatives: N positive pairs, N (text, hard negative image), N (hard negative text,
+    # image)
     same = batch["index"][:, None] == batch["index"][None, :]          # (N, N) same image: never a negative
     neg_text, neg_image = hard_negatives(s_i2t[:, :n], s_t2i[:, :n], same)
     h_itm = model.bert.fuse(torch.cat([w, w, w[neg_text]]), torch.cat([mask, mask, mask[neg_text]]),
@@ -378,16 +436,15 @@ def main(argv=None):
     args = data.parse_args(Args, argv)
     script = os.path.splitext(os.path.basename(__file__))[0]
     ckpt = None
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        if ckpt.get("script") != script:
-            raise ValueError(f"{args.resume} was written by {ckpt.get('script')}.py, not {script}.py: "
-                             f"resume it with that script")
+    if args.resume:  # tensors and plain values only: loading a checkpoint never runs code (eval.py)
+        ckpt = ev.load_checkpoint(args.resume, expect_script=script)
         args = Args(**{**ckpt["args"], "resume": args.resume, "stop_at": args.stop_at})
     check_queue(args.queue_size, args.batch_size)
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    # speed by default (cuDNN picks the fastest kernels); --torch-deterministic for bit-exact GPU runs
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = ev.pick_device(args.device)
     if args.precision not in ev.PRECISIONS:
@@ -396,92 +453,138 @@ def main(argv=None):
 
     # ---- data, tokenizer, model
     train_set, suite = data.build_data(args)
+    val_suite = data.build_eval_suite(args, "val") if args.eval_every else None
     tokenizer = data.build_tokenizer(args, train_set)
+    steps_per_epoch = max(1, len(train_set) // args.batch_size)
     if args.epochs > 0:
-        args.steps = max(1, int(args.epochs * len(train_set) / args.batch_size))
+        args.steps = max(1, int(args.epochs * steps_per_epoch))
     model = build_model(args, tokenizer).to(device)
+    channels_last = False  # a ViT gains nothing from NHWC images
     optimizer, scheduler = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    step = 0
+    step, n_skipped = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # a checkpoint written on another device may store another memory layout
+        match_state_layout(optimizer)
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        step, n_skipped = ckpt["step"], ckpt.get("skipped_images", 0)
+        set_rng_state(ckpt["rng"], device)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     else:
-        run_dir = os.path.join(args.out, f"{args.exp_name}-{args.data}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir = make_run_dir(args)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
     tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
-    if args.compile:  # in place, per layer: the state dict keeps its names
+    # in place, per layer: the state dict keeps its names. Static shapes: captions are padded
+    if args.compile:
+        # to --max-len, so each layer compiles once for N and once for ITM's 3N pairs
         for m in model.modules():
             if isinstance(m, (ViTBlock, BertLayer)):
-                m.compile()
+                m.compile(dynamic=False)
     loader = data.train_loader(train_set, tokenizer, args, args.batch_size, args.seed, start_step=step,
-                               second_view=False)
+                               second_view=False, pad_to_max=args.compile)
     n_online, n_momentum = (sum(p.numel() for p in model.parameters() if p.requires_grad),
                             sum(p.numel() for p in model.momentum_parameters()))
-    print(f"{script}: {n_online / 1e6:.2f}M trained parameters (+ {n_momentum / 1e6:.2f}M in the momentum copy), "
-          f"{len(train_set)} training images, {args.steps} steps of {args.batch_size} on {device} ({args.precision}) "
-          f"-> {run_dir}")
+    print(f"{script}: {n_online / 1e6:.2f}M trained parameters (+ {n_momentum / 1e6:.2f}M in the momentum "
+          f"copy), "
+          f"{len(train_set)} training images, {args.steps} steps of {args.batch_size} on {device} "
+          f"({args.precision}) -> {run_dir}")
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    window = []  # each step's loss terms, kept on the device and checked (one sync) when logging or saving
+
+    def check_finite():
+        bad = first_non_finite(window, list(terms), step - len(window))
+        if bad:
+            kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
+                    else "no checkpoint")
+            raise SystemExit(f"{script}: the loss term {bad[1]!r} is not finite at step {bad[0]}; stopping "
+                             f"({kept}). Try a lower --lr (now {args.lr:g}) or --precision fp32 (now "
+                             f"{args.precision}).")
 
     def checkpoint():
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step, args=asdict(args),
-                        rng=rng_state(), script=script)
+        check_finite()  # never overwrite a good checkpoint with diverged weights
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step,
+                        args=asdict(args),
+                        rng=rng_state(device), script=script, skipped_images=n_skipped)
+        return time.perf_counter()
 
     # ---- the loop
     model.train()
     end = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    steps_per_epoch = max(1, len(train_set) // args.batch_size)
     log = open(os.path.join(run_dir, "log.jsonl"), "a")
     bar = tqdm(total=end, initial=step, desc=script, dynamic_ncols=True)
-    t_log, t_start, last_step = time.perf_counter(), time.perf_counter(), step
-    for batch in loader:
-        if step >= end:
-            break
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        alpha = alpha_at(step, args, steps_per_epoch)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            terms = compute_losses(model, batch, args, alpha)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():  # τ ∈ [0.001, 0.5]
-            model.temp.clamp_(0.001, 0.5)
-        momentum_update(model.momentum_pairs(), args.momentum)  # θ_m ← m θ_m + (1 − m) θ
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == end:
-            now = time.perf_counter()
-            row = {"step": step, **{f"loss_{k}" if k != "loss" else k: v.item() for k, v in terms.items()},
-                   "logit_scale": 1 / model.temp.item(), "alpha": alpha, "lr": scheduler.get_last_lr()[0],
-                   "samples_per_s": args.batch_size * (step - last_step) / (now - t_log),
-                   "peak_mem_mib": peak_memory_mib(device)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
-            t_log, last_step = now, step
-        if args.save_every and step % args.save_every == 0:
-            checkpoint()
+    t_log = t_start = t_saved = time.perf_counter()
+    last_step = step
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish this step, checkpoint, exit
+        for batch in loader:
+            if step >= end:
+                break
+            # uint8 -> normalized float, on device
+            batch, skipped = data.to_device(batch, device, channels_last)
+            n_skipped += skipped
+            alpha = alpha_at(step, args, steps_per_epoch)
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = compute_losses(model, batch, args, alpha)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            with torch.no_grad():  # τ ∈ [0.001, 0.5]
+                model.temp.clamp_(0.001, 0.5)
+            momentum_update(model.momentum_pairs(), args.momentum)  # θ_m ← m θ_m + (1 − m) θ
+            window.append(torch.stack([v.detach().float() for v in terms.values()]))
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == end:
+                check_finite()
+                now, values = time.perf_counter(), window[-1].tolist()  # the one host sync of a logging step
+                window.clear()
+                row = {"step": step, **{f"loss_{k}" if k != "loss" else k: v for k, v in zip(terms, values)},
+                       "logit_scale": 1 / model.temp.item(), "alpha": alpha, "lr": scheduler.get_last_lr()[0],
+                       "samples_per_s": args.batch_size * (step - last_step) / (now - t_log),
+                       "peak_mem_mib": peak_memory_mib(device), "skipped_images": n_skipped}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix({k.replace("loss_",
+                                           ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
+                t_log, last_step = now, step
+            if args.eval_every and step % args.eval_every == 0:  # cheap metrics on the validation split
+                log.write(json.dumps({"step": step, **ev.validate(
+                    model, tokenizer, val_suite, data.eval_transform(args.image_size), device, args.max_len,
+                    args.precision)}) + "\n")
+                log.flush()
+            if ((args.save_every and step % args.save_every == 0)
+                    or (args.save_minutes and time.perf_counter() - t_saved >= 60 * args.save_minutes)
+                    or (args.data != "synthetic" and step % steps_per_epoch == 0)):  # and after every epoch
+                t_saved = checkpoint()
+            if stop.signal:
+                break
     bar.close()
     log.close()
+    del loader  # its worker processes end here, before the evaluation
     checkpoint()
     train_seconds = time.perf_counter() - t_start
-    if step < args.steps:
-        print(f"stopped at step {step} of {args.steps}; continue with --resume {run_dir}/checkpoint.pt")
+    if n_skipped:
+        print(f"{script}: {n_skipped} training images could not be decoded and were replaced by the next one")
+    if stop.signal or step < args.steps:
+        print(f"stopped at step {step} of {args.steps}; continue with --resume {ckpt_path}")
+        if stop.signal:
+            # the conventional status: 130 after Ctrl-C, 143 after SIGTERM
+            raise SystemExit(128 + stop.signal)
         return run_dir
 
-    # ---- final evaluation on the test split (eval.py: encode_image / encode_text, and itm_score to rerank)
+    # ---- final evaluation on the --eval-split split (test by default) (eval.py: encode_image / encode_text,
+    # and itm_score to rerank)
     metrics = ev.evaluate(model, tokenizer, suite, data.eval_transform(args.image_size), device, args.max_len,
-                          args.precision, itm_k=args.itm_k)
-    metrics.update({"train/steps": step, "train/seconds": train_seconds, "train/peak_mem_mib": peak_memory_mib(device)})
+                          args.precision, itm_k=args.itm_k, num_workers=args.num_workers)
+    metrics.update({"train/steps": step, "train/seconds": train_seconds,
+                    "train/peak_mem_mib": peak_memory_mib(device),
+                    "train/skipped_images": n_skipped})
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(ev.comparison_table({os.path.basename(run_dir): metrics}))
@@ -503,17 +606,21 @@ class Attention(nn.Module):
         self.q, self.o = nn.Linear(width, width), nn.Linear(width, width)
         self.k, self.v = nn.Linear(kv_width or width, width), nn.Linear(kv_width or width, width)
 
-    def forward(self, x, y=None, key_mask=None):  # x (N, Lq, D), y (N, Lk, Dk), key_mask (N, Lk) 1 = real token
+    # x (N, Lq, D), y (N, Lk, Dk), key_mask (N, Lk) 1 = real token
+    def forward(self, x, y=None, key_mask=None):
         y = x if y is None else y
         n, lq, d = x.shape
-        split = lambda t: t.view(n, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731 (N, h, L, D/h)
+        # (N, L, D) -> (N, h, L, D/h)
+        split = lambda t: t.view(n, -1, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
         mask = None if key_mask is None else key_mask[:, None, None, :].bool()         # (N, 1, 1, Lk)
-        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(y)), split(self.v(y)), attn_mask=mask)
+        out = F.scaled_dot_product_attention(split(self.q(x)), split(self.k(y)), split(self.v(y)),
+                                             attn_mask=mask)
         return self.o(out.transpose(1, 2).reshape(n, lq, d))                           # (N, Lq, D)
 
 
 def run_layer(layer, *inputs, checkpointed=False):
-    """layer(*inputs); with --grad-checkpoint its activations are recomputed in the backward pass, not stored."""
+    """layer(*inputs); with --grad-checkpoint its activations are recomputed in the backward pass, not
+    stored."""
     if checkpointed and torch.is_grad_enabled():
         return torch.utils.checkpoint.checkpoint(layer, *inputs, use_reentrant=False)
     return layer(*inputs)
@@ -547,10 +654,12 @@ class ViT(nn.Module):
         self.patch, self.width, n_patches = patch, width, (image_size // patch) ** 2
         if stem == "linear":
             self.patch_embed = nn.Conv2d(3, width, patch, stride=patch)  # a linear map of each p×p×3 patch
-        else:  # conv: log2(p) stages of two 3×3 convolutions (the first with stride 2), then 1×1: same token grid
+        # conv: log2(p) stages of two 3×3 convolutions (the first with stride 2), then 1×1: same token grid
+        else:
             chans, layers = [3] + [32 * 2 ** k for k in range(int(math.log2(patch)))], []
             for cin, cout in zip(chans, chans[1:]):
-                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(),
+                layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+                           nn.ReLU(),
                            nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()]
             self.patch_embed = nn.Sequential(*layers, nn.Conv2d(chans[-1], width, 1))
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -568,25 +677,29 @@ class ViT(nn.Module):
 
 
 class BertLayer(nn.Module):
-    """Post-norm BERT layer: self-attention, [cross-attention to the image tokens: fusion layers only], MLP."""
+    """Post-norm BERT layer: self-attention, [cross-attention to the image tokens: fusion layers only],
+    MLP."""
 
     def __init__(self, width, heads, intermediate, dropout=0.0, image_width=None):
         super().__init__()
         self.self_attn, self.norm1 = Attention(width, heads), nn.LayerNorm(width, eps=1e-12)
         self.cross_attn = Attention(width, heads, kv_width=image_width) if image_width else None
         self.norm_cross = nn.LayerNorm(width, eps=1e-12) if image_width else None
-        self.mlp, self.norm2, self.drop = mlp(width, intermediate), nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
+        self.mlp, self.norm2 = mlp(width, intermediate), nn.LayerNorm(width, eps=1e-12)
+        self.drop = nn.Dropout(dropout)
 
     def forward(self, h, mask, image=None):  # h (N, L, W), mask (N, L), image (N, 1+P, Wv)
         h = self.norm1(h + self.drop(self.self_attn(h, key_mask=mask)))   # every token sees every real token
         if self.cross_attn is not None:
-            h = self.norm_cross(h + self.drop(self.cross_attn(h, image)))  # every text token sees every image token
+            # every text token sees every image token
+            h = self.norm_cross(h + self.drop(self.cross_attn(h, image)))
         return self.norm2(h + self.drop(self.mlp(h)))
 
 
 class Bert(nn.Module):
     """One BERT, split in two: text_layers encode the text alone, then fusion_layers (with cross-attention
-    to the image) fuse it with the image. The MLM head (tied to the word embeddings) reads the fusion output."""
+    to the image) fuse it with the image. The MLM head (tied to the word embeddings) reads the fusion
+    output."""
 
     def __init__(self, vocab_size, width, heads, text_layers, fusion_layers, image_width, max_positions=64,
                  intermediate=None, dropout=0.0):
@@ -594,7 +707,8 @@ class Bert(nn.Module):
         intermediate = intermediate or 4 * width
         self.word_emb, self.pos_emb = nn.Embedding(vocab_size, width), nn.Embedding(max_positions, width)
         self.emb_norm, self.emb_drop = nn.LayerNorm(width, eps=1e-12), nn.Dropout(dropout)
-        self.text_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout) for _ in range(text_layers))
+        self.text_layers = nn.ModuleList(BertLayer(width, heads, intermediate,
+                                                   dropout) for _ in range(text_layers))
         self.fusion_layers = nn.ModuleList(BertLayer(width, heads, intermediate, dropout, image_width)
                                            for _ in range(fusion_layers))
         self.mlm_transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width, eps=1e-12))
@@ -619,6 +733,8 @@ class Bert(nn.Module):
 
 def init_weights(module):
     """N(0, 1/fan_in) linear weights (LeCun), N(0, 0.02) embeddings, zero biases; LayerNorms stay at 1, 0.
+    The word embeddings are tied to the MLM decoder, a Linear visited after them, so they end at N(0,
+    1/width).
 
     Not BERT's N(0, 0.02) everywhere: that suits width 768 (0.02·√768 ≈ 0.55 gain per layer), but at width 128
     every attention output is ~20× smaller than the residual stream, so the [CLS] state barely depends on the
@@ -663,7 +779,8 @@ def load_torchvision_vit(vit, tv_state):
 
 def build_vision(args):
     if args.vision == "vit":
-        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads, args.vit_stem)
+        vit = ViT(args.image_size, args.vit_patch, args.vit_width, args.vit_depth, args.vit_heads,
+                  args.vit_stem)
         init_weights(vit)
         return vit
     if args.vision not in TV_VITS:
@@ -690,9 +807,11 @@ def load_hf_bert(bert, hf_state):
     sd = {"word_emb.weight": hf_state[p + "word_embeddings.weight"],
           "pos_emb.weight": hf_state[p + "position_embeddings.weight"]
           + hf_state[p + "token_type_embeddings.weight"][0],
-          "emb_norm.weight": hf_state[p + "LayerNorm.weight"], "emb_norm.bias": hf_state[p + "LayerNorm.bias"]}
+          "emb_norm.weight": hf_state[p + "LayerNorm.weight"],
+          "emb_norm.bias": hf_state[p + "LayerNorm.bias"]}
     for i in range(len(bert.text_layers) + len(bert.fusion_layers)):
-        dst = f"text_layers.{i}." if i < len(bert.text_layers) else f"fusion_layers.{i - len(bert.text_layers)}."
+        n_text = len(bert.text_layers)
+        dst = f"text_layers.{i}." if i < n_text else f"fusion_layers.{i - n_text}."
         for a, b in (("self_attn.q", "attention.self.query"), ("self_attn.k", "attention.self.key"),
                      ("self_attn.v", "attention.self.value"), ("self_attn.o", "attention.output.dense"),
                      ("norm1", "attention.output.LayerNorm"), ("mlp.0", "intermediate.dense"),
@@ -711,7 +830,8 @@ def load_hf_bert(bert, hf_state):
 
 def build_bert(args, vocab_size, image_width):
     if not args.text_model:
-        bert = Bert(vocab_size, args.text_width, args.text_heads, args.text_layers, args.fusion_layers, image_width,
+        bert = Bert(vocab_size, args.text_width, args.text_heads, args.text_layers, args.fusion_layers,
+                    image_width,
                     max(64, args.max_len), dropout=args.dropout)
         init_weights(bert)
         return bert
@@ -723,11 +843,11 @@ def build_bert(args, vocab_size, image_width):
                       f"(save_pretrained output) or download it once with network access.") from e
     c = hf.config
     if not 0 < args.text_layers < c.num_hidden_layers:
-        raise ValueError(f"--text-layers {args.text_layers}: {args.text_model} has {c.num_hidden_layers} layers; "
-                         f"keep at least one for the fusion encoder")
+        raise ValueError(f"--text-layers {args.text_layers}: {args.text_model} has {c.num_hidden_layers} "
+                         f"layers; keep at least one for the fusion encoder")
     bert = Bert(c.vocab_size, c.hidden_size, c.num_attention_heads, args.text_layers,
-                c.num_hidden_layers - args.text_layers, image_width, c.max_position_embeddings, c.intermediate_size,
-                args.dropout)
+                c.num_hidden_layers - args.text_layers, image_width, c.max_position_embeddings,
+                c.intermediate_size, args.dropout)
     init_weights(bert)
     load_hf_bert(bert, hf.state_dict())
     return bert
@@ -735,7 +855,8 @@ def build_bert(args, vocab_size, image_width):
 
 # ---- appendix C. optimizer, checkpoint, RNG
 def make_optimizer(model, args, device):
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # the momentum model is excluded
+    # the momentum model is excluded
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     decay = [p for n, p in params if p.ndim >= 2]
     no_decay = [p for n, p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
@@ -756,16 +877,78 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def rng_state():
+def make_run_dir(args):
+    """runs/<name>-<data>-<seed>-<time>/, never an existing folder: a sweep that starts two runs of the same
+    name, data and seed in the same second gets <...>-2, <...>-3 (os.makedirs of a new leaf is atomic)."""
+    base = os.path.join(args.out, f"{args.exp_name}-{args.data}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for k in range(1, 10_000):
+        path = base if k == 1 else f"{base}-{k}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: 10,000 run folders of this name already exist; choose another --exp-name")
+
+
+def first_non_finite(window, names, first_step):
+    """(step, term name) of the first non-finite loss term in `window` (one (terms,) vector per step since
+    `first_step`), or None. One host sync for the whole window instead of one per step."""
+    if not window:
+        return None
+    bad = ~torch.isfinite(torch.stack(window).cpu())  # (steps, terms)
+    if not bad.any():
+        return None
+    i, j = bad.nonzero()[0].tolist()
+    return first_step + i + 1, names[j]
+
+
+class StopOnSignal:
+    """Inside `with`: SIGINT (Ctrl-C) and SIGTERM (what schedulers send before preemption) only set .signal,
+    so the loop finishes its step and checkpoints; a second signal interrupts at once. The handlers are
+    restored on exit."""
+
+    def __enter__(self):
+        self.signal, self.old = 0, {}
+        if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              f"(the same signal again stops at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def match_state_layout(optimizer):
+    """Give each optimizer state tensor its parameter's memory layout. A checkpoint written on the CPU (NCHW)
+    and resumed on a GPU (channels-last convolutions) would otherwise mix layouts, which fused AdamW
+    refuses."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def rng_state(device):
+    """The RNG states a resumed run needs: CPU, Python, and the current GPU's only (so a run can resume with
+    fewer GPUs visible)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, device):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
 
 
 def peak_memory_mib(device):

@@ -1,36 +1,46 @@
 """bench.py: training throughput of every method on a fixed configuration, in one Markdown table.
 
 Each method's training step is rebuilt here the way its script's main() builds it (data.build_data,
-data.build_tokenizer, data.train_loader, build_model, make_optimizer, autocast from eval.PRECISIONS, the
-step, then the temperature clamp and, for the fusion models, momentum_update), by importing the script as a
-module: bench.py is a tool, not a method script, so it may import them. Per method (one table row): one
-untimed step that counts the FLOPs (torch.utils.flop_counter), W warm-up steps, then N timed steps, each
-split in four phases (torch.cuda.synchronize() before every clock read on a GPU, perf_counter on the CPU):
+data.build_tokenizer, data.train_loader, data.to_device, build_model, make_optimizer, the torch.backends
+flags, autocast from eval.PRECISIONS, the step, then the temperature clamp and, for the fusion models,
+momentum_update), by importing the script as a module: bench.py is a tool, not a method script, so it may
+import them. Per method (one table row): one untimed step that counts the FLOPs (torch.utils.flop_counter),
+W warm-up steps, then N timed steps, each split in four phases:
 
-    data       waiting for the next batch + the host→device copy
+    data       waiting for the next batch + data.to_device (host→device copy, uint8 → normalized float)
     forward    compute_losses under autocast
     backward   zero_grad + backward
     optimizer  optimizer step + scheduler + the temperature clamp (+ the momentum update of ALBEF/CODIS)
+
+A PhaseTimer marks the start of each step and the end of each phase. On a GPU the marks are CUDA events
+recorded on the stream and read once, after the timed window: nothing synchronizes between phases, so the
+host queues kernels ahead as it does in training, and each phase is GPU time (the data phase is how long the
+GPU waited for the batch, plus the copy). On the CPU the marks are time.perf_counter readings.
 
 The table reports the medians over the timed steps (samples/s, step time, each phase), the data share of the
 step, peak memory, the model FLOPs of one step (forward + backward), the model FLOPs utilization on a GPU, and
 each row's step time divided by its baseline's, measured in the same run at the same model and batch:
 sep / bridge / geocons ÷ clip_base, codis ÷ albef_fusion, clip_base --plain-clip ÷ the reference step.
+MFU = FLOPs per step ÷ median step time ÷ the GPU's dense peak in the precision in use: bf16 / fp16 tensor
+cores, or TF32 tensor cores for fp32 (the scripts allow TF32). PEAK_TFLOPS lists the known GPUs, each figure
+with its source; on another GPU the MFU column is empty unless --peak-flops gives the peak.
 
 Configurations (--config):
     cpu  every script's defaults: small CNN / ViT + 2-layer BERT trained from scratch, 32 px synthetic data,
-         batch 128, fp32. Runs on a laptop.
-    gpu  two-tower: ResNet-50 + BERT-base at 224 px, batch 256; fusion: ViT-B/16 + BERT-base (6 text + 6 fusion
-         layers) at 224 px, batch 64, queue 65,536; bf16; synthetic images drawn at 224 px (no dataset needed).
-         Every model is built from its config with random weights (BERT-base = transformers' BertConfig()
-         defaults, saved once under --cache), so no network is needed. Adds `reference`: plain CLIP written
-         with the same torchvision / transformers modules and no project code (ReferenceCLIP below), the
-         yardstick of clip_base.py --plain-clip.
-Targets (the benchmark issue): each regularizer ≤ 1.05× clip_base's step time on the GPU config (≤ 1.10× on
-the CPU one); codis ≤ 1.15× albef_fusion; data < 5% of the step on the GPU config; clip_base --plain-clip at
-least the reference's throughput in bf16 on the GPU. With the codis row, IPOT alone is timed too (256 × 1024,
-50 outer steps, median of 30 calls; the CODIS issue: ≤ 30 ms on the 2-core CPU). Results, commands and hardware:
-docs/benchmarks.md.
+         fp32. Runs on a laptop.
+    gpu  every script's defaults except the flags of its GPU command (docs/gpu.md, "Commands"): two-tower
+         ResNet-50 + BERT-base at 224 px, embedding 256, batch 256; fusion ViT-B/16 + BERT-base (6 text + 6
+         fusion layers, [CLS] pooling) at 256 px, embedding 256, batch 64, queue 65,536; bf16. What no network
+         allows instead: random weights (no --pretrained-vision; BERT-base = transformers' BertConfig()
+         defaults, saved once under --cache), the word tokenizer (--tokenizer auto) and synthetic images drawn
+         at the image size; and no evaluation (--eval-every). Adds
+         `reference`: plain CLIP written with the same torchvision / transformers modules and no project code
+         (ReferenceCLIP below), the yardstick of clip_base.py --plain-clip.
+The report lists, per row, every flag it ran with besides its script's defaults.
+Limits checked: each regularizer ≤ 1.05× clip_base's step time on the GPU config (≤ 1.10× on the CPU one);
+codis ≤ 1.15× albef_fusion; data < 5% of the step on the GPU config; clip_base --plain-clip at least the
+reference's throughput in bf16 on the GPU. With the codis row, IPOT alone is timed too (256 × 1024, 50 outer
+steps, median of 30 calls; ≤ 30 ms on a 2-core CPU). Results, commands and hardware: docs/benchmarks.md.
 
 Run it:  python bench.py                                   (cpu config: 5 warm-up + 20 timed steps per method)
          python bench.py --interleave                      (a shared machine: the rows' steps alternate, so
@@ -39,12 +49,13 @@ Run it:  python bench.py                                   (cpu config: 5 warm-u
          python bench.py --config gpu --fixed-batch        (one batch reused on the GPU: no input pipeline)
          python bench.py --config gpu --methods clip_base --data-root /data/coco --num-workers 12
 Any other flag is passed to every method script that has it (the scripts' own flags: --batch-size 64,
---image-size 64, --text-layers 4, ...); --two-tower-flags="..." / --fusion-flags="..." reach one family only.
+--image-size 64, --num-workers 4, ...); --two-tower-flags="..." / --fusion-flags="..." reach one family only.
 """
 # ============================== imports =======================================================
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import importlib
 import importlib.util
@@ -53,6 +64,7 @@ import math
 import os
 import platform
 import random
+import re
 import resource
 import shlex
 import shutil
@@ -73,7 +85,7 @@ import eval as ev
 @dataclass
 class BenchArgs:
     config: str = "cpu"
-    """cpu (each script's defaults, synthetic 32 px) or gpu (ResNet-50/ViT-B/16 + BERT-base, 224 px, bf16)"""
+    """cpu (each script's defaults, 32 px) or gpu (each script's GPU command: ResNet-50 / ViT-B/16 + BERT-base)"""
     methods: str = ""
     """comma-separated rows (default: the config's): reference, clip_plain, clip_base, sep, bridge, geocons, albef_fusion, codis"""
     steps: int = 20
@@ -86,8 +98,6 @@ class BenchArgs:
     """torch.compile as each script does (skipped with a note where unsupported)"""
     compile_backend: str = "inductor"
     """torch.compile backend (inductor, the scripts' default; eager/aot_eager only trace: quick checks)"""
-    num_workers: int = -1
-    """DataLoader workers (-1 = the config's: cpu 1, the scripts' default; gpu 14)"""
     data_root: str = ""
     """a Karpathy-format folder: time image files on disk (--data karpathy) instead of synthetic images"""
     interleave: bool = False
@@ -96,8 +106,8 @@ class BenchArgs:
     """draw one batch, keep it on the device and reuse it every step: the model's speed without the input pipeline"""
     device: str = "auto"
     """auto (cuda > mps > cpu), cpu, cuda, cuda:1"""
-    peak_flops: float = 989e12
-    """peak dense bf16 FLOP/s of the GPU for the MFU column (989e12: H100 SXM; H100 PCIe 756e12, A100 312e12)"""
+    peak_flops: float = 0.0
+    """dense peak FLOP/s of the GPU in the precision used, for the MFU column (0 = PEAK_TFLOPS, by name)"""
     two_tower_flags: str = ""
     """extra flags for the two-tower scripts and the reference only, e.g. --two-tower-flags="--vision resnet18" """
     fusion_flags: str = ""
@@ -105,24 +115,62 @@ class BenchArgs:
     cache: str = "runs/bench-cache"
     """folder for the random-weight BERT-base that the gpu config builds once (about 440 MB)"""
     save: str = ""
-    """also write the rows, targets and hardware to this JSON file"""
+    """also write the rows, the limits checked and the hardware to this JSON file"""
 
 
 BERT_BASE = "<bert-base>"  # in a config: a BERT-base (BertConfig() defaults) with random weights, saved in --cache
 
-# per config: the default rows, precision, workers, and the Args fields each family changes from its defaults
+# per config: the default rows, the precision, and the Args fields each family changes from its script's defaults
 CONFIGS = {
-    "cpu": dict(methods="clip_base,sep,bridge,geocons,albef_fusion,codis", precision="fp32", num_workers=1,
-                two_tower={}, fusion={}),
+    "cpu": dict(methods="clip_base,sep,bridge,geocons,albef_fusion,codis", precision="fp32", two_tower={}, fusion={}),
     "gpu": dict(methods="reference,clip_plain,clip_base,sep,bridge,geocons,albef_fusion,codis", precision="bf16",
-                num_workers=14,
-                # cudnn.deterministic off: the reference does not ask for it, and it can only slow the convolutions
+                # docs/gpu.md's GPU command of clip_base.py & co., less --data/--data-root/--epochs (synthetic data, a
+                # fixed number of steps), --eval-every (no evaluation here), --pretrained-vision and --tokenizer
+                # bert-base-uncased (no network)
                 two_tower=dict(vision="resnet50", text_model=BERT_BASE, image_size=224, embed_dim=256, batch_size=256,
-                               lr=1e-4, torch_deterministic=False),
-                fusion=dict(vision="vit_b_16", text_model=BERT_BASE, text_layers=6, image_size=224, embed_dim=256,
-                            batch_size=64, queue_size=65536, momentum=0.995, lr=1e-4, weight_decay=0.02,
-                            torch_deterministic=False)),
+                               lr=1e-4),
+                # docs/gpu.md's (and albef_fusion.py's, codis.py's) GPU command of ALBEF / CODIS, less the same flags
+                fusion=dict(vision="vit_b_16", text_model=BERT_BASE, text_layers=6, image_size=256, embed_dim=256,
+                            queue_size=65536, momentum=0.995, alpha_ramp=-1, lr=1e-4, weight_decay=0.02,
+                            batch_size=64, pool="cls", itm_k=128)),
 }
+
+# Dense peak tensor-core TFLOP/s (no 2:4 sparsity) per GPU: (pattern searched in torch.cuda.get_device_name(),
+# label, {bf16 (= fp16 with fp32 accumulation on all of these), tf32, fp32 (CUDA cores)}). NVIDIA's datasheets
+# print the tensor-core figures "with sparsity": they are halved here. First match wins (NVL/PCIe before SXM).
+PEAK_TFLOPS = [
+    # NVIDIA H100 Tensor Core GPU datasheet: H100 NVL 1,671 / 835 (sparse) / 60; H100 PCIe 1,513 / 756 / 51;
+    # H100 SXM 1,979 / 989 / 67 (device name "NVIDIA H100 80GB HBM3")
+    (r"H100.*NVL", "H100 NVL", dict(bf16=835.5, tf32=417.5, fp32=60)),
+    (r"H100.*PCIe", "H100 PCIe", dict(bf16=756.5, tf32=378, fp32=51)),
+    (r"H100.*(SXM|HBM3)", "H100 SXM", dict(bf16=989.5, tf32=494.5, fp32=67)),
+    # NVIDIA H200 Tensor Core GPU datasheet: H200 NVL 1,671 / 835 / 60; H200 SXM 1,979 / 989 / 67
+    (r"H200.*NVL", "H200 NVL", dict(bf16=835.5, tf32=417.5, fp32=60)),
+    (r"\bH200\b", "H200 SXM", dict(bf16=989.5, tf32=494.5, fp32=67)),
+    # NVIDIA A100 Tensor Core GPU datasheet (40 and 80 GB, SXM and PCIe): 624 / 312 / 19.5
+    (r"A100", "A100", dict(bf16=312, tf32=156, fp32=19.5)),
+    # NVIDIA L40S datasheet: 733 / 366 / 91.6 (dense bf16 printed as 362.05)
+    (r"L40S", "L40S", dict(bf16=362.05, tf32=183, fp32=91.6)),
+    # NVIDIA L4 Tensor Core GPU datasheet: 242 / 120 / 30.3
+    (r"\bL4\b", "L4", dict(bf16=121, tf32=60, fp32=30.3)),
+    # NVIDIA A10 Tensor Core GPU datasheet: 250 / 125 / 31.2 (not the A10G, whose figures differ)
+    (r"\bA10\b", "A10", dict(bf16=125, tf32=62.5, fp32=31.2)),
+    # NVIDIA Ada Lovelace GPU architecture whitepaper (2022), appendix A, GeForce RTX 4090: FP16 / BF16 tensor
+    # with FP32 accumulate 330.3 (sparse), TF32 165.2 (sparse), FP32 82.6
+    (r"RTX 4090", "RTX 4090", dict(bf16=165.2, tf32=82.6, fp32=82.6)),
+    # NVIDIA Ampere GA102 GPU architecture whitepaper (2020), GeForce RTX 3090: 142 / 71 (sparse) / 35.6
+    (r"RTX 3090(?! Ti)", "RTX 3090", dict(bf16=71, tf32=35.6, fp32=35.6)),
+]
+
+
+def peak_flops_of(gpu_name, precision, tf32=True):
+    """(dense peak FLOP/s of this GPU in this precision, e.g. 'H100 SXM bf16') from PEAK_TFLOPS; (None, None) for
+    a GPU it does not list. fp32 counts the TF32 tensor-core peak when TF32 is allowed (the scripts allow it)."""
+    kind = "bf16" if precision in ("bf16", "fp16") else "tf32" if tf32 else "fp32"
+    for pattern, label, peaks in PEAK_TFLOPS:
+        if re.search(pattern, gpu_name):
+            return peaks[kind] * 1e12, f"{label} {kind}"
+    return None, None
 
 
 @dataclass
@@ -144,8 +192,8 @@ ROWS = {"reference": Row("clip_base", "reference (torchvision + transformers, no
         "codis": Row("codis", "codis", {}, "albef_fusion")}
 
 
-def target_of(name, config):
-    """The issue's ceiling on a row's step time ÷ its baseline's, with its wording (None: no target)."""
+def limit_of(name, config):
+    """The most a row's step time may be as a multiple of its baseline's, with what it checks (None: no limit)."""
     if ROWS[name].baseline == "clip_base":
         return (1.05 if config == "gpu" else 1.10), "regularizer overhead"
     if name == "codis":
@@ -200,6 +248,7 @@ class Trainer:
     def __init__(self, model, optimizer, scheduler, loader, a, device):
         self.model, self.fwd_model, self.optimizer, self.scheduler = model, model, optimizer, scheduler
         self.loader, self.a, self.device = loader, a, device
+        self.channels_last = False  # data.to_device makes the images channels_last (set by build_trainer)
         self.amp_dtype = ev.PRECISIONS[a.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=a.precision == "fp16")
 
@@ -268,51 +317,141 @@ def build_trainer(name, mod, a, device):
     random.seed(a.seed)
     torch.manual_seed(a.seed)
     torch.backends.cudnn.deterministic = a.torch_deterministic
+    torch.backends.cudnn.benchmark = not a.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     train_set, tokenizer = train_data(a)
     fusion = hasattr(mod, "momentum_update")
     if fusion:
         mod.check_queue(a.queue_size, a.batch_size)
+    channels_last = not fusion and (a.vision != "cnn" or device.type == "cuda")  # as clip_base.main()
     if name == "reference":
         model = ReferenceCLIP(a.vision, reference_bert_config(a, tokenizer), a.embed_dim).to(device)
+    else:
+        model = mod.build_model(a, tokenizer).to(device)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if name == "reference":
         optimizer = torch.optim.AdamW(model.parameters(), lr=a.lr, weight_decay=a.weight_decay, fused=device.type == "cuda")
         loader = data.train_loader(train_set, tokenizer, a, a.batch_size, a.seed, second_view=False)
-        return Reference(model, optimizer, None, loader, a, device)
-    model = mod.build_model(a, tokenizer).to(device)
-    if not fusion and (a.vision != "cnn" or device.type == "cuda"):  # as clip_base.main()
-        model = model.to(memory_format=torch.channels_last)
-    optimizer, scheduler = mod.make_optimizer(model, a, device)
-    loader = data.train_loader(train_set, tokenizer, a, a.batch_size, a.seed,
-                               second_view=not fusion and not a.plain_clip)
-    if fusion:
-        return Fusion(mod, max(1, len(train_set) // a.batch_size), model, optimizer, scheduler, loader, a, device)
-    return TwoTower(mod, model, optimizer, scheduler, loader, a, device)
+        t = Reference(model, optimizer, None, loader, a, device)
+    else:
+        optimizer, scheduler = mod.make_optimizer(model, a, device)
+        loader = data.train_loader(train_set, tokenizer, a, a.batch_size, a.seed,
+                                   second_view=not fusion and not a.plain_clip)
+        t = (Fusion(mod, max(1, len(train_set) // a.batch_size), model, optimizer, scheduler, loader, a, device)
+             if fusion else TwoTower(mod, model, optimizer, scheduler, loader, a, device))
+    t.channels_last = channels_last
+    return t
 
 
 # ============================== timing ========================================================
-def one_step(t, batches, step, sync):
-    """One training step, as the scripts' loops run it; returns ([data, forward, backward, optimizer] s, loss)."""
-    clock = [time.perf_counter()]
+class PhaseTimer:
+    """Marks at the start of each timed step (start) and at the end of each of its phases (mark); the seconds
+    between them are read once, at the end of the timed window (phases). Subclasses say what a mark is."""
 
-    def lap():
-        sync()
-        clock.append(time.perf_counter())
-    batch = {k: v.to(t.device, non_blocking=True) for k, v in next(batches).items()}
-    lap()
+    def __init__(self):
+        self.steps = []  # per step: its marks
+
+    def start(self):
+        self.steps.append([self._now()])
+
+    def mark(self):
+        self.steps[-1].append(self._now())
+
+    def phases(self):
+        """[[seconds of each phase] per step], after waiting once for the marks still in flight."""
+        if self.steps:
+            self._wait(self.steps[-1][-1])
+        return [[self._seconds(a, b) for a, b in zip(marks, marks[1:])] for marks in self.steps]
+
+
+class HostTimer(PhaseTimer):
+    """time.perf_counter: on the CPU an op has finished when it returns. sync: a device's synchronize to call
+    before each reading (MPS)."""
+
+    def __init__(self, sync=None, clock=time.perf_counter):
+        super().__init__()
+        self.sync, self.clock = sync, clock
+
+    def _now(self):
+        if self.sync:
+            self.sync()
+        return self.clock()
+
+    def _seconds(self, a, b):
+        return b - a
+
+    def _wait(self, last):
+        pass
+
+
+class CudaTimer(PhaseTimer):
+    """CUDA events recorded on the stream the step runs on: the host never waits while the steps run, and each
+    phase is the GPU time between two events (elapsed_time, in ms)."""
+
+    def __init__(self, stream=None, event=functools.partial(torch.cuda.Event, enable_timing=True)):
+        super().__init__()
+        self.stream, self.event = stream, event
+
+    def _now(self):
+        e = self.event()
+        e.record(self.stream)
+        return e
+
+    def _seconds(self, a, b):
+        return a.elapsed_time(b) / 1e3
+
+    def _wait(self, last):
+        last.synchronize()  # every earlier event on the stream has completed too
+
+
+class NoTimer:
+    """The untimed steps (FLOP counting, warm-up)."""
+
+    def start(self):
+        pass
+
+    def mark(self):
+        pass
+
+
+def make_timer(device):
+    if device.type == "cuda":
+        return CudaTimer(torch.cuda.current_stream(device))
+    return HostTimer(sync=torch.mps.synchronize if device.type == "mps" else None)
+
+
+def one_step(t, fetch, step, timer):
+    """One training step as the scripts' loops run it, marked at its start and after each phase (data, forward,
+    backward, optimizer). fetch() gives the batch on the device. Returns the loss (still on the device)."""
+    timer.start()
+    batch = fetch()
+    timer.mark()
     with torch.autocast(t.device.type, dtype=t.amp_dtype, enabled=t.amp_dtype is not None):
         terms = t.losses(batch, step)
-    lap()
+    timer.mark()
     t.optimizer.zero_grad(set_to_none=True)
     t.scaler.scale(terms["loss"]).backward()
-    lap()
+    timer.mark()
     t.scaler.step(t.optimizer)
     t.scaler.update()
     if t.scheduler is not None:
         t.scheduler.step()
     t.after_step()
-    lap()
-    return [b - a for a, b in zip(clock, clock[1:])], terms["loss"].detach()
+    timer.mark()
+    return terms["loss"].detach()
+
+
+def summarize(times, batch_size):
+    """A row's columns from its timed steps' phases ([[data, forward, backward, optimizer] s per step]): the
+    median of each phase and of the step (the sum of its phases), samples/s from each step's time."""
+    med = statistics.median
+    step_s = [sum(p) for p in times]
+    data_s, fwd_s, bwd_s, opt_s = (med(col) for col in zip(*times))
+    total_s = med(step_s)
+    return {"samples_per_s": med([batch_size / s for s in step_s]), "step_ms": 1e3 * total_s,
+            "data_ms": 1e3 * data_s, "forward_ms": 1e3 * fwd_s, "backward_ms": 1e3 * bwd_s,
+            "optimizer_ms": 1e3 * opt_s, "data_pct": 100 * data_s / total_s}
 
 
 class Timing:
@@ -321,41 +460,41 @@ class Timing:
 
     def __init__(self, t, b, device):
         from torch.utils.flop_counter import FlopCounterMode
-        self.t, self.times, self.step = t, [], 0
-        self.sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-        self.batches = iter(t.loader)
+        self.t, self.step, self.skipped, self.timer = t, 0, 0, make_timer(device)
+        batches = iter(t.loader)
         if b.fixed_batch:  # one batch, on the device once: every later step skips the input pipeline
-            fixed = {k: v.to(device) for k, v in next(self.batches).items()}
-            self.batches = iter(lambda: fixed, None)
+            fixed = self._to_device(next(batches))
+            self.fetch = lambda: fixed
+        else:
+            self.fetch = lambda: self._to_device(next(batches))
         t.model.train()
         counter = FlopCounterMode(display=False)
         with counter:  # step 0, eager: the model FLOPs of one forward + backward (the optimizer's are not counted)
-            self._step()
+            self._step(NoTimer())
         self.flops = counter.get_total_flops()
         if b.compile:
             t.compile(b.compile_backend)
         for _ in range(b.warmup):
-            self._step()
+            self._step(NoTimer())
 
-    def _step(self):
-        phases, self.loss = one_step(self.t, self.batches, self.step, self.sync)
+    def _to_device(self, batch):  # as the scripts' loops: uint8 → normalized float on the device
+        batch, skipped = data.to_device(batch, self.t.device, self.t.channels_last)
+        self.skipped += skipped
+        return batch
+
+    def _step(self, timer):
+        self.loss = one_step(self.t, self.fetch, self.step, timer)
         self.step += 1
-        return phases
 
     def timed_step(self):
-        self.times.append(self._step())
+        self._step(self.timer)
 
-    def result(self, peak_mib, peak_flops, cuda):
+    def result(self, peak_mib):
         """The row's medians over the timed steps (its batch stream is closed: the DataLoader workers stop)."""
-        self.batches = None
-        med = statistics.median
-        step_s = [sum(p) for p in self.times]
-        data_s, fwd_s, bwd_s, opt_s, total_s = (med(col) for col in (*zip(*self.times), step_s))
-        return {"samples_per_s": med([self.t.a.batch_size / s for s in step_s]), "step_ms": 1e3 * total_s,
-                "data_ms": 1e3 * data_s, "forward_ms": 1e3 * fwd_s, "backward_ms": 1e3 * bwd_s,
-                "optimizer_ms": 1e3 * opt_s, "data_pct": 100 * data_s / total_s, "peak_mib": peak_mib,
-                "gflop_per_step": self.flops / 1e9, "mfu_pct": 100 * self.flops / total_s / peak_flops if cuda else None,
-                "loss": self.loss.float().item()}
+        self.fetch = None
+        return {**summarize(self.timer.phases(), self.t.a.batch_size), "peak_mib": peak_mib,
+                "gflop_per_step": self.flops / 1e9, "mfu_pct": None, "loss": self.loss.float().item(),
+                "workers": getattr(self.t.loader, "num_workers", None), "skipped_images": self.skipped}
 
 
 def reset_peak_memory(device):
@@ -408,7 +547,9 @@ def random_bert_base(cache):
 
 def parse(argv):
     """(BenchArgs, the row names, {row name: its script's Args}, notes). Flags bench.py does not know go to
-    every script that has them; a flag that no method script knows is an error."""
+    every script that has them; a flag that no method script knows is an error. Each row's Args are its
+    script's defaults but for the config's fields, the row's, the user's flags and bench.py's own (precision,
+    device, compile, steps): flags_of lists them."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0], allow_abbrev=False,
                                      epilog="Any other flag is passed to every method script that has it.")
     data.add_dataclass_args(parser, BenchArgs)
@@ -422,7 +563,6 @@ def parse(argv):
         parser.error(f"--precision {b.precision!r}: choose one of {', '.join(ev.PRECISIONS)}")
     if b.steps < 1 or b.warmup < 0:
         parser.error("--steps must be ≥ 1 and --warmup ≥ 0")
-    b.num_workers = cfg["num_workers"] if b.num_workers < 0 else b.num_workers
     names = [n.strip() for n in (b.methods or cfg["methods"]).split(",") if n.strip()]
     if unknown := [n for n in names if n not in ROWS]:
         parser.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(ROWS)}")
@@ -453,7 +593,7 @@ def parse(argv):
                 fields.update(data_root=b.data_root, data=fields.get("data", "karpathy"))
             if fields.get("text_model") == BERT_BASE:
                 fields["text_model"] = random_bert_base(b.cache)
-            fields.update(precision=b.precision, num_workers=b.num_workers, device=b.device, compile=False,
+            fields.update(precision=b.precision, device=b.device, compile=False,
                           steps=1 + b.warmup + b.steps)  # the scheduler spans the benchmark
             args[n] = mod.Args(**fields)
         if unknown_in_family:
@@ -465,6 +605,17 @@ def parse(argv):
         parser.error("the reference row needs a torchvision image encoder: --two-tower-flags=\"--vision resnet50\" "
                      "(the gpu config sets it)")
     return b, names, args, notes
+
+
+def flags_of(a, defaults):
+    """The flags that turn a script's default Args (defaults) into a, as its command line spells them."""
+    out = []
+    for f in dataclasses.fields(a):
+        value, flag = getattr(a, f.name), "--" + f.name.replace("_", "-")
+        if value != getattr(defaults, f.name):
+            out.append(flag if value is True else f"--no-{flag[2:]}" if value is False
+                       else f"{flag} {shlex.quote(str(value))}")
+    return " ".join(out)
 
 
 def _common(acc, unknown_tokens):
@@ -514,41 +665,38 @@ def markdown(rows):
     return "\n".join(lines)
 
 
-def targets(rows, b):
-    """Each target of the issue that this run measures: what, the measured value, the limit, met or not."""
+def limits(rows, b):
+    """Each limit that this run measures: what it checks, the measured value, the limit, met or not."""
     out = []
     for r in rows:
-        tgt = target_of(r["method"], b.config)
-        if tgt and r["vs_baseline"] is not None:
-            limit, what = tgt
-            out.append({"target": f"{r['method']}: {what} (step time ÷ {r['baseline']})", "value": r["vs_baseline"],
+        lim = limit_of(r["method"], b.config)
+        if lim and r["vs_baseline"] is not None:
+            limit, what = lim
+            out.append({"check": f"{r['method']}: {what} (step time ÷ {r['baseline']})", "value": r["vs_baseline"],
                         "limit": f"≤ {limit:.2f}", "met": r["vs_baseline"] <= limit})
     if b.config == "gpu" and rows and not b.fixed_batch and not b.interleave:  # else the data time says little
         worst = max(rows, key=lambda r: r["data_pct"])
-        out.append({"target": f"data time < 5% of the step (worst row: {worst['method']})", "value": worst["data_pct"],
+        out.append({"check": f"data time < 5% of the step (worst row: {worst['method']})", "value": worst["data_pct"],
                     "limit": "< 5 %", "met": worst["data_pct"] < 5})
     return out
 
 
 def time_ipot(device, repeats=30):
     """Median ms of codis.ipot on a 256 × 1024 problem (batch × codebook) with 50 outer steps, on this process's
-    torch threads: issue 5's figure (≤ 30 ms on the 2-core CPU)."""
+    torch threads, after 3 untimed calls (≤ 30 ms on a 2-core CPU)."""
     codis = importlib.import_module("codis")
     g = torch.Generator().manual_seed(0)
     z, c = (F.normalize(torch.randn(n, 128, generator=g), dim=1) for n in (256, 1024))
     cost = (1 - z @ c.T).to(device)                                       # D = 1 − ⟨z, c⟩ in [0, 2]
     mu, nu = torch.full((256,), 1 / 256, device=device), torch.full((1024,), 1 / 1024, device=device)
-    times = []
-    for i in range(repeats + 3):  # 3 untimed calls first
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+    for _ in range(3):
         codis.ipot(cost, mu, nu, n_outer=50, n_inner=1)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        if i >= 3:
-            times.append(1000 * (time.perf_counter() - t0))
-    return statistics.median(times)
+    timer = make_timer(device)
+    for _ in range(repeats):
+        timer.start()
+        codis.ipot(cost, mu, nu, n_outer=50, n_inner=1)
+        timer.mark()
+    return 1000 * statistics.median(p for (p,) in timer.phases())
 
 
 # ============================== main =========================================================
@@ -557,11 +705,12 @@ def start(name, a, b, device):
     return Timing(build_trainer(name, importlib.import_module(ROWS[name].script), a, device), b, device)
 
 
-def row_of(name, timing, b, device, peak_mib):
-    """One line of the table (its ratio to the baseline is added once every row has run)."""
-    row = {"method": name, "label": ROWS[name].label, "model": describe(timing.t.a), "batch": timing.t.a.batch_size,
+def row_of(name, timing, peak_mib):
+    """One line of the table (its ratio to the baseline and its MFU are added once every row has run)."""
+    a = timing.t.a
+    row = {"method": name, "label": ROWS[name].label, "model": describe(a), "batch": a.batch_size,
            "baseline": ROWS[name].baseline or None,
-           **timing.result(peak_mib, b.peak_flops, device.type == "cuda")}
+           "flags": flags_of(a, importlib.import_module(ROWS[name].script).Args()), **timing.result(peak_mib)}
     print(f"[bench] {name}: {row['samples_per_s']:.1f} samples/s, {row['step_ms']:.1f} ms/step", file=sys.stderr,
           flush=True)
     return row
@@ -581,7 +730,7 @@ def time_in_turn(order, args, b, device):
         timing = start(name, args[name], b, device)
         for _ in range(b.steps):
             timing.timed_step()
-        rows.append(row_of(name, timing, b, device, peak_memory_mib(device)))
+        rows.append(row_of(name, timing, peak_memory_mib(device)))
         del timing
         free(device)
     return rows
@@ -594,20 +743,38 @@ def time_interleaved(order, args, b, device):
     for _ in range(b.steps):
         for timing in timings.values():
             timing.timed_step()
-    return [row_of(name, timing, b, device, None) for name, timing in timings.items()]
+    return [row_of(name, timing, None) for name, timing in timings.items()]
 
 
 @contextlib.contextmanager
 def quiet_transformers():
-    """transformers prints a load report each time a script loads the BERT-base folder: errors only, meanwhile."""
+    """transformers prints a load report and a progress bar each time a script loads the BERT-base folder: errors
+    only, meanwhile."""
     from transformers.utils import logging as hf_logging
-    level = hf_logging.get_verbosity()
+    level, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
+
+def mfu_peak(b, device):
+    """(the MFU denominator in FLOP/s, a note saying which): --peak-flops if given, else PEAK_TFLOPS for this GPU
+    and precision (TF32 for fp32 where the rows allowed it); (None, why) on an unknown GPU, (None, None) off a GPU."""
+    if device.type != "cuda":
+        return None, None
+    if b.peak_flops > 0:
+        return b.peak_flops, f"MFU against --peak-flops {b.peak_flops:.4g} FLOP/s"
+    name = torch.cuda.get_device_name(device)
+    peak, label = peak_flops_of(name, b.precision, tf32=torch.backends.cuda.matmul.allow_tf32)
+    if peak is None:
+        return None, (f"MFU not reported: bench.PEAK_TFLOPS has no peak for {name!r}; pass --peak-flops (its dense "
+                      f"FLOP/s in {b.precision}) to get it")
+    return peak, f"MFU against the {label} dense peak, {peak / 1e12:g} TFLOP/s (bench.PEAK_TFLOPS)"
 
 
 def main(argv=None):
@@ -626,21 +793,25 @@ def main(argv=None):
         notes.append("--interleave: the rows' timed steps alternated (peak memory per row is not measured; data time "
                      "is optimistic with workers, which prefetch while the other rows compute)")
     step_ms = {r["method"]: r["step_ms"] for r in rows}
+    peak, peak_note = mfu_peak(b, device)
     for r in rows:  # the overhead ratio: this row's median step time ÷ its baseline's, both measured above
         r["baseline"] = r["baseline"] if r["baseline"] in step_ms else None
         r["vs_baseline"] = r["step_ms"] / step_ms[r["baseline"]] if r["baseline"] else None
-    if b.num_workers == 0 and not b.fixed_batch:  # the data column is then the whole loading cost of a batch
-        notes += [workers_advice(r) for r in rows]
+        r["mfu_pct"] = 100 * r["gflop_per_step"] * 1e9 / (r["step_ms"] / 1e3) / peak if peak else None
+    notes += [peak_note] if peak_note else []
+    if not b.fixed_batch:  # with no worker the data column is the whole loading cost of a batch
+        notes += [workers_advice(r) for r in rows if r["workers"] == 0]
+    notes += [f"{r['method']}: {r['skipped_images']} images could not be decoded and were substituted"
+              for r in rows if r["skipped_images"]]
     result = {"command": "python bench.py " + shlex.join(argv), "date": time.strftime("%Y-%m-%d %H:%M %Z"),
               "hardware": hardware(device), "device": str(device), "config": b.config, "precision": b.precision,
-              "compile": b.compile, "num_workers": b.num_workers, "fixed_batch": b.fixed_batch,
-              "interleave": b.interleave, "steps": b.steps, "warmup": b.warmup, "rows": rows,
-              "targets": targets(rows, b), "notes": notes}
-    if "codis" in order:  # IPOT alone, at the size the issue names
+              "compile": b.compile, "fixed_batch": b.fixed_batch, "interleave": b.interleave, "steps": b.steps,
+              "warmup": b.warmup, "peak_flops": peak, "rows": rows, "limits": limits(rows, b), "notes": notes}
+    if "codis" in order:  # IPOT alone, at the size of the ≤ 30 ms limit
         ms = time_ipot(device)
         result["ipot_ms"] = ms
-        result["targets"].append({"target": "codis: IPOT 256 × 1024, 50 outer steps (median ms)", "value": ms,
-                                  "limit": "≤ 30" if device.type == "cpu" else "–", "met": ms <= 30})
+        result["limits"].append({"check": "codis: IPOT 256 × 1024, 50 outer steps (median ms)", "value": ms,
+                                 "limit": "≤ 30" if device.type == "cpu" else "–", "met": ms <= 30})
     print(report(result))
     if b.save:
         with open(b.save, "w") as f:
@@ -657,18 +828,27 @@ def workers_advice(r):
 
 
 def report(res):
-    """The Markdown printed at the end: a header line, the table, the targets, the notes."""
+    """The Markdown printed at the end: a header line, the table, the limits checked, the flags, the notes."""
     mem = ("not measured (interleaved)" if res["interleave"] else "CUDA max allocated"
            if res["device"].startswith("cuda") else "process peak RSS, reset before each row")
+    clock = "CUDA events" if res["device"].startswith("cuda") else "perf_counter"
+    workers = "/".join(str(w) for w in sorted({r["workers"] for r in res["rows"]}, key=str))
     lines = [f"`{res['command']}` — {res['date']}, {res['hardware']}; device {res['device']}, {res['precision']}, "
-             f"compile {'on' if res['compile'] else 'off'}, --num-workers {res['num_workers']}"
-             f"{', fixed batch' if res['fixed_batch'] else ''}{', interleaved' if res['interleave'] else ''}; medians of {res['steps']} timed steps after "
-             f"{res['warmup']} warm-up; peak MiB = {mem}", "", markdown(res["rows"])]
-    if res["targets"]:
-        lines += ["", "| target | measured | limit | met |", "| --- | ---: | ---: | --- |"]
-        lines += [f"| {t['target']} | {t['value']:.3f} | {t['limit']} | {'yes' if t['met'] else 'NO'} |"
-                  for t in res["targets"]]
-    lines += [f"- {n}" for n in res["notes"]]
+             f"compile {'on' if res['compile'] else 'off'}, DataLoader workers {workers or '—'}"
+             f"{', fixed batch' if res['fixed_batch'] else ''}{', interleaved' if res['interleave'] else ''}; "
+             f"medians of {res['steps']} timed steps ({clock}) after {res['warmup']} warm-up; peak MiB = {mem}",
+             "", markdown(res["rows"])]
+    if res["limits"]:
+        lines += ["", "| check | measured | limit | met |", "| --- | ---: | ---: | --- |"]
+        lines += [f"| {c['check']} | {c['value']:.3f} | {c['limit']} | {'yes' if c['met'] else 'NO'} |"
+                  for c in res["limits"]]
+    groups = {}
+    for r in res["rows"]:  # rows with the same flags on one line
+        groups.setdefault(r["flags"], []).append(r["method"])
+    lines += ["", "Flags besides each script's defaults:"]
+    lines += [f"- {', '.join(names)}: `{flags or '(none)'}`" for flags, names in groups.items()]
+    if res["notes"]:
+        lines += ["", *[f"- {n}" for n in res["notes"]]]
     return "\n".join(lines)
 
 

@@ -1,22 +1,27 @@
 """clip_base.py: two-tower CLIP with intra-modal contrastive terms (the L_con baseline).
 
-Method (Jiang et al., CVPR 2023, "basic contrastive framework"; seed 000). A batch holds N image-text
+Method: the "basic contrastive framework" of Jiang et al., "Understanding and Constructing Latent Modality
+Structures in Multi-Modal Representation Learning", CVPR 2023 (arXiv:2303.05952), i.e. CLIP's symmetric loss
+(Radford et al., ICML 2021, arXiv:2103.00020) plus one in-modal term per modality. A batch holds N image-text
 pairs; z_V, z_T are the L2-normalized projections of the image and text encoders and z_V^a, z_T^a
-those of an augmented view (image augmentations; EDA for text). τ is a learnable temperature
-(init 0.07, 1/τ clamped to at most 100).
+those of an augmented view (image augmentations; EDA for text: Wei & Zou, EMNLP 2019, arXiv:1901.11196).
+τ is a learnable temperature (init 0.07, 1/τ clamped to at most 100).
 
     NCE(a, b) = −1/N Σ_j log( exp(⟨a_j, b_j⟩/τ) / Σ_k exp(⟨a_j, b_k⟩/τ) )
     L_V2T = NCE(z_V, z_T)     L_T2V = NCE(z_T, z_V)     (cross-modal, CLIP's symmetric loss)
     L_V2V = NCE(z_V, z_V^a)   L_T2T = NCE(z_T, z_T^a)   (intra-modal, two views of one input)
     L_con = ¼ (L_V2T + L_T2V + L_V2V + L_T2T)
 
-Reading of the slide: its L_V2V denominator sums over z_Vk of the *same* view, which contains the
-trivial pair ⟨z_Vj, z_Vj⟩ = 1; we contrast z_Vj against the other view's z_Vk^a instead (SimCLR-style),
-which is what the numerator ⟨z_Vj, z_Vj^a⟩ implies. `--plain-clip` keeps only ½(L_V2T + L_T2V).
+A choice between readings: the paper prints L_V2V with a denominator over z_Vk of the *same* view, which
+contains the trivial pair ⟨z_Vj, z_Vj⟩ = 1. We chose to contrast z_Vj against the other view's z_Vk^a
+(k = 1..N), which is what the numerator ⟨z_Vj, z_Vj^a⟩ implies and gives L_V2V the form of L_V2T; SimCLR's
+NT-Xent would also use the same view's other samples as negatives, which we do not.
+`--plain-clip` keeps only ½(L_V2T + L_T2V).
 
 Run it:  python clip_base.py                      (synthetic benchmark, CPU, about 3 minutes)
          python clip_base.py --data karpathy --data-root DIR --vision resnet50 --pretrained-vision \
-             --text-model bert-base-uncased --tokenizer bert-base-uncased --image-size 224 --precision bf16
+             --text-model bert-base-uncased --tokenizer bert-base-uncased --image-size 224 --embed-dim 256 \
+             --batch-size 256 --lr 1e-4 --epochs 5 --precision bf16 --eval-every 500   (docs/gpu.md)
 Outputs go to runs/<exp>-<data>-<seed>-<time>/ : args.json, log.jsonl, checkpoint.pt, metrics.json.
 """
 # ============================== imports ======================================================
@@ -25,6 +30,9 @@ import math
 import os
 import random
 import resource
+import signal
+import sys
+import threading
 import time
 from dataclasses import asdict, dataclass
 
@@ -50,8 +58,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """fp32 | bf16 | fp16 (autocast; a gradient scaler only for fp16)"""
     compile: bool = False
     """torch.compile the model"""
-    torch_deterministic: bool = True
-    """cudnn.deterministic (bit-exact resume on GPU; a little slower)"""
+    torch_deterministic: bool = False
+    """GPU: deterministic cuDNN kernels, no autotuning (slower; what stays bit-exact: docs/gpu.md)"""
     out: str = "runs"
     """parent folder of the run folder"""
     resume: str = ""
@@ -73,7 +81,12 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     log_every: int = 20
     """steps between log.jsonl lines"""
     save_every: int = 0
-    """steps between checkpoints (0 = only at the end or at --stop-at)"""
+    """steps between checkpoints (0 = none by step count; see --save-minutes)"""
+    save_minutes: float = 10.0
+    """minutes of training between checkpoints (0 = off); also saved after each epoch of real data, at the
+    end, at --stop-at and on Ctrl-C / SIGTERM"""
+    eval_every: int = 0
+    """steps between cheap validations on the validation split, written to log.jsonl as val/... (0 = off)"""
     vision: str = "cnn"
     """image encoder: cnn (small, from scratch) or a torchvision ResNet name (resnet18, resnet50, ...)"""
     pretrained_vision: bool = False
@@ -128,12 +141,18 @@ def nce(a, b, logit_scale):
 
 
 def loss_con(f, f_a, logit_scale, plain_clip=False):
-    """L_con = ¼ (L_V2T + L_T2V + L_V2V + L_T2T), or ½ (L_V2T + L_T2V) for plain CLIP. f: features, f_a: views."""
+    """L_con = ¼ (L_V2T + L_T2V + L_V2V + L_T2T), or ½ (L_V2T + L_T2V) for plain CLIP.
+    f: the features, f_a: those of the augmented views."""
+    # L_V2T = NCE(z_V, z_T),  L_T2V = NCE(z_T, z_V): cross-modal, each image against the batch's captions and
+    # back
     terms = {"v2t": nce(f["v"], f["t"], logit_scale), "t2v": nce(f["t"], f["v"], logit_scale)}
     if not plain_clip:
         # intra-modal: each input against its augmented view (the other view's batch as negatives)
+        # L_V2V = NCE(z_V, z_V^a)
         terms["v2v"] = nce(f["v"], f_a["v"], logit_scale)
+        # L_T2T = NCE(z_T, z_T^a)
         terms["t2t"] = nce(f["t"], f_a["t"], logit_scale)
+    # L_con = ¼ (L_V2T + L_T2V + L_V2V + L_T2T), or ½ (L_V2T + L_T2V) for plain CLIP
     terms["con"] = sum(terms.values()) / len(terms)
     return terms
 
@@ -143,11 +162,14 @@ def compute_losses(model, batch, args):
     n = batch["image"].shape[0]
     if args.plain_clip:
         f, f_a = model(batch["image"], batch["input_ids"], batch["attention_mask"]), None
-    else:  # the two views go through the encoders as one batch of 2N (one pass instead of two)
-        ids, mask = pad_cat(batch["input_ids"], batch["input_ids_aug"]), pad_cat(batch["attention_mask"], batch["attention_mask_aug"])
+    else:  # the two views go through the encoders as one batch of 2N (one pass instead of two); so the CNN's
+        # BatchNorm statistics are those of both views together, not of each view alone
+        ids, mask = pad_cat(batch["input_ids"], batch["input_ids_aug"]), pad_cat(batch["attention_mask"],
+                                                                                 batch["attention_mask_aug"])
         both = model(torch.cat([batch["image"], batch["image_aug"]]), ids, mask)
         f, f_a = {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
     terms = loss_con(f, f_a, model.logit_scale, args.plain_clip)
+    # L = L_con
     terms["loss"] = terms["con"]
     return terms
 
@@ -163,15 +185,14 @@ def main(argv=None):
     args = data.parse_args(Args, argv)
     script = os.path.splitext(os.path.basename(__file__))[0]
     ckpt = None
-    if args.resume:
-        ckpt = torch.load(args.resume, map_location="cpu", weights_only=False)
-        if ckpt.get("script") != script:
-            raise ValueError(f"{args.resume} was written by {ckpt.get('script')}.py, not {script}.py: "
-                             f"resume it with that script")
+    if args.resume:  # tensors and plain values only: loading a checkpoint never runs code (eval.py)
+        ckpt = ev.load_checkpoint(args.resume, expect_script=script)
         args = Args(**{**ckpt["args"], "resume": args.resume, "stop_at": args.stop_at})
     random.seed(args.seed)
     torch.manual_seed(args.seed)
+    # speed by default (cuDNN picks the fastest kernels); --torch-deterministic for bit-exact GPU runs
     torch.backends.cudnn.deterministic = args.torch_deterministic
+    torch.backends.cudnn.benchmark = not args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = ev.pick_device(args.device)
     if args.precision not in ev.PRECISIONS:
@@ -180,88 +201,131 @@ def main(argv=None):
 
     # ---- data, tokenizer, model
     train_set, suite = data.build_data(args)
+    val_suite = data.build_eval_suite(args, "val") if args.eval_every else None
     tokenizer = data.build_tokenizer(args, train_set)
+    steps_per_epoch = max(1, len(train_set) // args.batch_size)
     if args.epochs > 0:
-        args.steps = max(1, int(args.epochs * len(train_set) / args.batch_size))
+        args.steps = max(1, int(args.epochs * steps_per_epoch))
     model = build_model(args, tokenizer).to(device)
-    channels_last = args.vision != "cnn" or device.type == "cuda"  # NHWC: faster convolutions (GPU tensor cores)
+    # NHWC: faster convolutions (GPU tensor cores)
+    channels_last = args.vision != "cnn" or device.type == "cuda"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer, scheduler = make_optimizer(model, args, device)
     scaler = torch.amp.GradScaler(device.type, enabled=args.precision == "fp16")
-    step = 0
+    step, n_skipped = 0, 0
     if ckpt is not None:
         model.load_state_dict(ckpt["model"])
         optimizer.load_state_dict(ckpt["optimizer"])
+        # a checkpoint written on another device may store another memory layout
+        match_state_layout(optimizer)
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
-        step = ckpt["step"]
-        set_rng_state(ckpt["rng"])
+        step, n_skipped = ckpt["step"], ckpt.get("skipped_images", 0)
+        set_rng_state(ckpt["rng"], device)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     else:
-        run_dir = os.path.join(args.out, f"{args.exp_name}-{args.data}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
-        os.makedirs(run_dir, exist_ok=True)
+        run_dir = make_run_dir(args)
         with open(os.path.join(run_dir, "args.json"), "w") as f:
             json.dump(asdict(args), f, indent=2)
     tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
     fwd_model = torch.compile(model) if args.compile else model
     loader = data.train_loader(train_set, tokenizer, args, args.batch_size, args.seed, start_step=step,
-                               second_view=not args.plain_clip)
-    print(f"{script}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} training "
-          f"images, {args.steps} steps of {args.batch_size} on {device} ({args.precision}) -> {run_dir}")
+                               second_view=not args.plain_clip, pad_to_max=args.compile)
+    print(f"{script}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} "
+          f"training images, {args.steps} steps of {args.batch_size} on {device} ({args.precision}) "
+          f"-> {run_dir}")
+    ckpt_path = os.path.join(run_dir, "checkpoint.pt")
+    window = []  # each step's loss terms, kept on the device and checked (one sync) when logging or saving
+
+    def check_finite():
+        bad = first_non_finite(window, list(terms), step - len(window))
+        if bad:
+            kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
+                    else "no checkpoint")
+            raise SystemExit(f"{script}: the loss term {bad[1]!r} is not finite at step {bad[0]}; stopping "
+                             f"({kept}). Try a lower --lr (now {args.lr:g}) or --precision fp32 (now "
+                             f"{args.precision}).")
 
     def checkpoint():
-        save_checkpoint(os.path.join(run_dir, "checkpoint.pt"), model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step, args=asdict(args),
-                        rng=rng_state(), script=script)
+        check_finite()  # never overwrite a good checkpoint with diverged weights
+        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step,
+                        args=asdict(args),
+                        rng=rng_state(device), script=script, skipped_images=n_skipped)
+        return time.perf_counter()
 
     # ---- the loop
     model.train()
     end = min(args.steps, args.stop_at) if args.stop_at else args.steps
     log = open(os.path.join(run_dir, "log.jsonl"), "a")
     bar = tqdm(total=end, initial=step, desc=script, dynamic_ncols=True)
-    t_log, t_start, last_step = time.perf_counter(), time.perf_counter(), step
-    for batch in loader:
-        if step >= end:
-            break
-        batch = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
-        if channels_last:  # the images (N, 3, H, W) in the model's memory format
-            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.ndim == 4 else v for k, v in batch.items()}
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            terms = compute_losses(fwd_model, batch, args)
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(terms["loss"]).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        with torch.no_grad():  # 1/τ ≤ 100
-            model.logit_scale.clamp_(0, math.log(100))
-        step += 1
-        bar.update(1)
-        if step % args.log_every == 0 or step == end:
-            now = time.perf_counter()
-            row = {"step": step, **{f"loss_{k}" if k != "loss" else k: v.item() for k, v in terms.items()},
-                   "logit_scale": model.logit_scale.exp().item(), "lr": scheduler.get_last_lr()[0],
-                   "samples_per_s": args.batch_size * (step - last_step) / (now - t_log),
-                   "peak_mem_mib": peak_memory_mib(device)}
-            log.write(json.dumps(row) + "\n")
-            log.flush()
-            bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
-            t_log, last_step = now, step
-        if args.save_every and step % args.save_every == 0:
-            checkpoint()
+    t_log = t_start = t_saved = time.perf_counter()
+    last_step = step
+    with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish this step, checkpoint, exit
+        for batch in loader:
+            if step >= end:
+                break
+            # uint8 -> normalized float, on device
+            batch, skipped = data.to_device(batch, device, channels_last)
+            n_skipped += skipped
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                terms = compute_losses(fwd_model, batch, args)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(terms["loss"]).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            with torch.no_grad():  # 1/τ ≤ 100
+                model.logit_scale.clamp_(0, math.log(100))
+            window.append(torch.stack([v.detach().float() for v in terms.values()]))
+            step += 1
+            bar.update(1)
+            if step % args.log_every == 0 or step == end:
+                check_finite()
+                now, values = time.perf_counter(), window[-1].tolist()  # the one host sync of a logging step
+                window.clear()
+                row = {"step": step, **{f"loss_{k}" if k != "loss" else k: v for k, v in zip(terms, values)},
+                       "logit_scale": model.logit_scale.exp().item(), "lr": scheduler.get_last_lr()[0],
+                       "samples_per_s": args.batch_size * (step - last_step) / (now - t_log),
+                       "peak_mem_mib": peak_memory_mib(device), "skipped_images": n_skipped}
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                bar.set_postfix({k.replace("loss_",
+                                           ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
+                t_log, last_step = now, step
+            if args.eval_every and step % args.eval_every == 0:  # cheap metrics on the validation split
+                log.write(json.dumps({"step": step, **ev.validate(
+                    model, tokenizer, val_suite, data.eval_transform(args.image_size), device, args.max_len,
+                    args.precision)}) + "\n")
+                log.flush()
+            if ((args.save_every and step % args.save_every == 0)
+                    or (args.save_minutes and time.perf_counter() - t_saved >= 60 * args.save_minutes)
+                    or (args.data != "synthetic" and step % steps_per_epoch == 0)):  # and after every epoch
+                t_saved = checkpoint()
+            if stop.signal:
+                break
     bar.close()
     log.close()
+    del loader  # its worker processes end here, before the evaluation
     checkpoint()
     train_seconds = time.perf_counter() - t_start
-    if step < args.steps:
-        print(f"stopped at step {step} of {args.steps}; continue with --resume {run_dir}/checkpoint.pt")
+    if n_skipped:
+        print(f"{script}: {n_skipped} training images could not be decoded and were replaced by the next one")
+    if stop.signal or step < args.steps:
+        print(f"stopped at step {step} of {args.steps}; continue with --resume {ckpt_path}")
+        if stop.signal:
+            # the conventional status: 130 after Ctrl-C, 143 after SIGTERM
+            raise SystemExit(128 + stop.signal)
         return run_dir
 
-    # ---- final evaluation on the test split (eval.py, through encode_image / encode_text)
+    # ---- final evaluation on the --eval-split split (test by default) (eval.py, through encode_image /
+    # encode_text)
     metrics = ev.evaluate(model, tokenizer, suite, data.eval_transform(args.image_size), device, args.max_len,
-                          args.precision)
-    metrics.update({"train/steps": step, "train/seconds": train_seconds, "train/peak_mem_mib": peak_memory_mib(device)})
+                          args.precision, num_workers=args.num_workers)
+    metrics.update({"train/steps": step, "train/seconds": train_seconds,
+                    "train/peak_mem_mib": peak_memory_mib(device),
+                    "train/skipped_images": n_skipped})
     with open(os.path.join(run_dir, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     print(ev.comparison_table({os.path.basename(run_dir): metrics}))
@@ -280,8 +344,10 @@ class SmallCNN(nn.Module):
         super().__init__()
         chans, layers = [3, width, 2 * width, 4 * width, 8 * width], []
         for cin, cout in zip(chans, chans[1:]):
-            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True),
-                       nn.Conv2d(cout, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+            layers += [nn.Conv2d(cin, cout, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(cout),
+                       nn.ReLU(inplace=True),
+                       nn.Conv2d(cout, cout, 3, padding=1,
+                                 bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
         self.net = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(2), nn.Flatten())
         self.out_dim = 8 * width * 4
 
@@ -296,7 +362,8 @@ def build_vision(args):
     try:
         net = getattr(torchvision.models, args.vision)(weights="DEFAULT" if args.pretrained_vision else None)
     except Exception as e:  # noqa: BLE001 - no network, or no such model
-        raise RuntimeError(f"could not build torchvision model {args.vision!r} (pretrained={args.pretrained_vision}): "
+        raise RuntimeError(f"could not build torchvision model {args.vision!r} "
+                           f"(pretrained={args.pretrained_vision}): "
                            f"{e}. Without the network, put the weights file in $TORCH_HOME/hub/checkpoints/ "
                            f"or drop --pretrained-vision.") from e
     net.out_dim = net.fc.in_features
@@ -305,7 +372,8 @@ def build_vision(args):
 
 
 class TextEncoder(nn.Module):
-    """A BERT (small config from scratch, or pretrained by name); the sentence is the mean of its token states.
+    """A BERT (small config from scratch, or pretrained by name); the sentence is the mean of its token
+    states.
 
     Mean pooling rather than [CLS]: a small BERT trained from scratch learns several times faster with it on
     the synthetic benchmark (measured), and it is the native pooling of sentence-transformers models.
@@ -327,9 +395,16 @@ class TextEncoder(nn.Module):
                                              max_position_embeddings=max(64, args.max_len)),
                                   add_pooling_layer=False)
         self.out_dim = self.bert.config.hidden_size
+        # BERT uses a ready 4-D additive mask as it is, where from a 2-D mask transformers first asks the host
+        # whether any token is padding (mask.all(): a GPU sync every forward). Other models keep the 2-D mask
+        # (DeBERTa, for one, reads a 4-D mask differently)
+        self.additive_mask = isinstance(self.bert, BertModel)
 
     def forward(self, input_ids, attention_mask):  # (N, L), (N, L) -> (N, width)
-        h = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (N, L, width)
+        mask = attention_mask
+        if self.additive_mask:  # (N, 1, 1, L): 0 at the real tokens, the most negative float at the padding
+            mask = (attention_mask[:, None, None, :] == 0).float() * torch.finfo(torch.float32).min
+        h = self.bert(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (N, L, width)
         m = attention_mask.unsqueeze(-1).to(h.dtype)
         return (h * m).sum(1) / m.sum(1)  # mean over the real tokens
 
@@ -356,16 +431,78 @@ def save_checkpoint(path, **state):
     os.replace(tmp, path)
 
 
-def rng_state():
+def make_run_dir(args):
+    """runs/<name>-<data>-<seed>-<time>/, never an existing folder: a sweep that starts two runs of the same
+    name, data and seed in the same second gets <...>-2, <...>-3 (os.makedirs of a new leaf is atomic)."""
+    base = os.path.join(args.out, f"{args.exp_name}-{args.data}-{args.seed}-{time.strftime('%Y%m%d-%H%M%S')}")
+    for k in range(1, 10_000):
+        path = base if k == 1 else f"{base}-{k}"
+        try:
+            os.makedirs(path)
+            return path
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{base}: 10,000 run folders of this name already exist; choose another --exp-name")
+
+
+def first_non_finite(window, names, first_step):
+    """(step, term name) of the first non-finite loss term in `window` (one (terms,) vector per step since
+    `first_step`), or None. One host sync for the whole window instead of one per step."""
+    if not window:
+        return None
+    bad = ~torch.isfinite(torch.stack(window).cpu())  # (steps, terms)
+    if not bad.any():
+        return None
+    i, j = bad.nonzero()[0].tolist()
+    return first_step + i + 1, names[j]
+
+
+class StopOnSignal:
+    """Inside `with`: SIGINT (Ctrl-C) and SIGTERM (what schedulers send before preemption) only set .signal,
+    so the loop finishes its step and checkpoints; a second signal interrupts at once. The handlers are
+    restored on exit."""
+
+    def __enter__(self):
+        self.signal, self.old = 0, {}
+        if threading.current_thread() is threading.main_thread():  # Python handles signals in the main thread
+            self.old = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def handle(self, signum, frame):
+        if self.signal:
+            raise KeyboardInterrupt
+        self.signal = signum
+        print(f"\n{signal.Signals(signum).name}: finishing this step, then writing a checkpoint "
+              f"(the same signal again stops at once)", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        for s, handler in self.old.items():
+            signal.signal(s, handler)
+
+
+def match_state_layout(optimizer):
+    """Give each optimizer state tensor its parameter's memory layout. A checkpoint written on the CPU (NCHW)
+    and resumed on a GPU (channels-last convolutions) would otherwise mix layouts, which fused AdamW
+    refuses."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for k, v in optimizer.state.get(p, {}).items():
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    optimizer.state[p][k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+
+
+def rng_state(device):
+    """The RNG states a resumed run needs: CPU, Python, and the current GPU's only (so a run can resume with
+    fewer GPUs visible)."""
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
 
 
-def set_rng_state(s):
+def set_rng_state(s, device):
     torch.set_rng_state(s["torch"])
     random.setstate(s["python"])
-    if s["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(s["cuda"])
+    if s.get("cuda") is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(s["cuda"], device)
 
 
 def peak_memory_mib(device):

@@ -10,12 +10,18 @@ Contents, top to bottom:
    generated on the fly from (seed, split, index). See `SYNTH_*` tables and `SynthPairSet`.
 4. Real data loaders: Karpathy split JSON (COCO / Flickr30k / Flickr8k), ALBEF JSON lists,
    img2dataset / webdataset output (tar shards or extracted folders), CSV/TSV, ImageFolder, CIFAR.
-   Broken inputs (missing or corrupt image, empty caption) are skipped, counted and reported once.
+   Indexing reads no image: tar headers are parsed in parallel over shards, a folder is walked once.
+   Broken inputs are skipped, counted and reported once: at start, what needs no decoding (a missing
+   file, an empty caption, a caption without its image); evaluation images are also decoded at start;
+   training images are decoded when a batch first needs them (a failure is substituted and counted in
+   the batch's "skipped"), or all at start with --verify-images.
 5. Tokenizers: any Hugging Face name or directory, or a word-level vocabulary generated offline
    (from the synthetic word list, or from the training captions of a real dataset).
-6. Augmentations: image train / second-view / eval transforms, and EDA for text.
+6. Augmentations: image train / second-view / eval transforms, and EDA for text. The training
+   transforms end in uint8 tensors; `to_device` normalizes them on the device the model runs on.
 7. Training input pipeline: `TrainPairs` + `StepSampler` (deterministic by (seed, step), so a
-   resumed run sees exactly the batches an uninterrupted run would) + `Collate`.
+   resumed run sees exactly the batches an uninterrupted run would) + `Collate` + `train_loader`
+   (persistent workers that ignore Ctrl-C; `loader.close()` stops them) + `to_device`.
 8. `python data.py export --out DIR` writes the synthetic benchmark in the Karpathy layout;
    `python data.py bench` measures the generator's images/s.
 """
@@ -23,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ast
+import atexit
 import colorsys
 import csv
 import dataclasses
@@ -31,21 +38,25 @@ import inspect
 import io
 import json
 import math
+import multiprocessing
+import multiprocessing.util  # its exit handler is registered before _close_loaders' (atexit runs them in reverse)
 import os
 import random
 import re
+import signal
 import sys
 import tarfile
 import tempfile
 import textwrap
 import time
+import weakref
 from collections import Counter
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
 from PIL import Image, ImageDraw, ImageFile
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 
 # ----------------------------------------------------------------------------------------------
@@ -66,15 +77,20 @@ class DataArgs:
     max_samples: int = 0
     """use a deterministic subset of this many training images (0 = all)"""
     max_eval: int = 0
-    """evaluate retrieval on at most this many test images (0 = all)"""
+    """evaluate retrieval on at most this many images of the evaluation split (0 = all)"""
+    eval_split: str = "test"
+    """split that retrieval, zero-shot and the probes' held-out part use: test | val"""
+    verify_images: bool = False
+    """decode every training image at start and drop unreadable ones (default: decode when first used,
+    substituting and counting failures)"""
     image_size: int = 32
     """input resolution in pixels (the synthetic images are drawn at this size)"""
     max_len: int = 32
     """maximum caption length in tokens"""
     tokenizer: str = "auto"
     """'auto' (offline word vocabulary built from the data) or a Hugging Face name / local folder"""
-    num_workers: int = 1
-    """DataLoader worker processes (0 = load in the main process)"""
+    num_workers: int = -1
+    """DataLoader worker processes (-1 = auto: min(CPU cores - 1, 8); 0 = load in the main process)"""
     classify: str = ""
     """extra zero-shot + probe benchmarks, comma-separated: cifar10=DIR, cifar100=DIR, folder=DIR"""
     data_seed: int = 0
@@ -441,27 +457,44 @@ def synth_vocabulary() -> list:
     return sorted(words)
 
 
-def synthetic_suite(args) -> tuple:
-    """(train PairSet, EvalSuite) of the synthetic benchmark for `args` (a DataArgs)."""
+def synthetic_suite(args, split: str = "test", with_train: bool = True) -> tuple:
+    """(train PairSet or None, EvalSuite on `split`) of the synthetic benchmark for `args` (a DataArgs).
+
+    split="test": retrieval, zero-shot and the probes' held-out part use the test split (at most
+    --max-eval images); the probes choose their weight decay on the val split.
+    split="val" (validation while training, the test split untouched): retrieval and zero-shot use the
+    val split (at most --max-eval images); the probes choose their weight decay on the val images of
+    even index and report on those of odd index among the evaluated ones, so the two never overlap.
+    with_train=False skips building the training set (its first --probe-train images are built alone).
+    """
+    split = check_eval_split(split)
     kw = dict(size=args.image_size, seed=args.data_seed, texture_contrast=args.synth_texture_contrast)
     n_train = args.max_samples or args.synth_train
-    train = SynthPairSet("train", n_train, **kw)
-    val, test = SynthPairSet("val", SYNTH_SPLITS["val"], **kw), SynthPairSet("test", SYNTH_SPLITS["test"], **kw)
+    train = SynthPairSet("train", n_train, **kw) if with_train else None
+    val = SynthPairSet("val", SYNTH_SPLITS["val"], **kw)
+    ev = SynthPairSet(split, SYNTH_SPLITS[split], **kw) if split != "val" else val
     if args.max_eval:
-        test = test.subset(range(min(args.max_eval, len(test))))
-    seen = test.subset([i for i, h in enumerate(test.labels["heldout"]) if not h])
-    held = test.subset([i for i, h in enumerate(test.labels["heldout"]) if h])
+        ev = ev.subset(range(min(args.max_eval, len(ev))))
+    probe_val, probe_test = (val, ev) if split != "val" else (_half(val, 0), _half(ev, 1))
+    seen = ev.subset([i for i, h in enumerate(ev.labels["heldout"]) if not h])
+    held = ev.subset([i for i, h in enumerate(ev.labels["heldout"]) if h])
     objects = [f"{c} {s}" for c in _COLOUR_NAMES for s in _SHAPE_NAMES]
-    zeroshot = {"shape": LabelSet(_SHAPE_NAMES, SYNTH_PROMPTS["shape"], test, "shape"),
-                "colour": LabelSet(_COLOUR_NAMES, SYNTH_PROMPTS["colour"], test, "colour"),
+    zeroshot = {"shape": LabelSet(_SHAPE_NAMES, SYNTH_PROMPTS["shape"], ev, "shape"),
+                "colour": LabelSet(_COLOUR_NAMES, SYNTH_PROMPTS["colour"], ev, "colour"),
                 "object": LabelSet(objects, SYNTH_PROMPTS["shape"], seen, "object"),
                 "object_heldout": LabelSet(objects, SYNTH_PROMPTS["shape"], held, "object")}
-    probe_train = train.subset(range(min(args.probe_train, len(train))))
+    n_probe = min(args.probe_train, n_train)
+    probe_train = train.subset(range(n_probe)) if train is not None else SynthPairSet("train", n_probe, **kw)
     classes = {"shape": _SHAPE_NAMES, "colour": _COLOUR_NAMES, "texture": SYNTH_TEXTURES,
                "material": _MATERIAL_NAMES}
     modality = {"shape": "image", "colour": "image", "texture": "image", "material": "text"}
-    probes = {t: ProbeTask(t, classes[t], modality[t], probe_train, val, test) for t in classes}
-    return train, EvalSuite(test, zeroshot, probes)
+    probes = {t: ProbeTask(t, classes[t], modality[t], probe_train, probe_val, probe_test) for t in classes}
+    return train, EvalSuite(ev, zeroshot, probes)
+
+
+def _half(ps: PairSet, parity: int) -> PairSet:
+    """The images of even (parity 0) or odd (parity 1) index: two disjoint halves of a split."""
+    return ps.subset(range(parity, len(ps), 2))
 
 
 def export_karpathy(out_dir, n_train=5000, n_val=1000, n_test=1000, size=64, seed=0, texture_contrast=0.18):
@@ -526,46 +559,93 @@ class FilePairSet(PairSet):
         return img
 
 
-def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers=8, report=None):
-    """Build a FilePairSet, dropping empty captions and unreadable images; report counts once.
+def _count(report: Counter, key: str, n: int):
+    if n:
+        report[key] += n
 
-    Each image is opened and fully decoded once (at reduced JPEG scale), in a thread pool, so a
-    missing, corrupt or truncated file is found here instead of crashing an epoch later.
+
+START_SAMPLE = 32  # training images decoded at start without --verify-images (evenly spaced)
+
+
+def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers=8, report=None, sample=None):
+    """Build a FilePairSet, dropping empty captions, missing and unreadable images; report counts once.
+
+    Always, without decoding anything: captions empty after stripping are dropped, images left without a
+    caption are skipped, and so are missing files (found from one directory listing per folder, not one
+    `stat` per file). verify=True: every remaining image is then opened and fully decoded (at reduced JPEG
+    scale) in a thread pool, so a corrupt or truncated file is found here, and dropped. verify=False (the
+    training split without --verify-images): only `sample` (default START_SAMPLE) evenly spaced images are
+    decoded now (an unreadable one is dropped; all of them unreadable is an error, see `_require_images`),
+    the others when a batch first needs them (`TrainPairs` substitutes and counts any that fail then).
     `report`: counts the caller already made (e.g. a caption file without its image), merged in.
     """
     report = Counter(report or {})
     keep_caps = []
     for caps in captions:
         good = [c.strip() for c in caps if isinstance(c, str) and c.strip()]
-        if len(good) < len(caps):
-            report["empty captions dropped"] += len(caps) - len(good)
+        _count(report, "empty captions dropped", len(caps) - len(good))
         keep_caps.append(good)
     ps = FilePairSet(name, refs, keep_caps, labels, draft=draft or 64)
+    todo = [i for i in range(len(ps)) if ps.captions[i]]
+    _count(report, "images without a caption skipped", len(ps) - len(todo))
+    found = _existing([ps.refs[i] for i in todo], workers)
+    _count(report, "missing images skipped", found.count(False))
+    todo = [i for i, ok in zip(todo, found) if ok]
+    n_sample = START_SAMPLE if sample is None else sample
+    check = todo if verify else [todo[k] for k in _spread(len(todo), n_sample)]
 
-    def check(i):
+    def mode(i):
         try:
-            img = ps._load(ps.refs[i])
-            return img.mode
+            return ps._load(ps.refs[i]).mode
         except Exception as e:  # noqa: BLE001 - any decoder error means "unreadable"
             return f"error: {type(e).__name__}"
-    modes = list(ThreadPoolExecutor(workers).map(check, range(len(ps)))) if verify else ["RGB"] * len(ps)
-    keep = []
-    for i, m in enumerate(modes):
+    with ThreadPoolExecutor(workers) as pool:
+        modes = dict(zip(check, pool.map(mode, check)))
+    keep, unreadable = [], 0
+    for i in todo:
+        m = modes.get(i, "RGB")
         if m.startswith("error"):
             report[f"unreadable images skipped ({m[7:]})"] += 1
-        elif not ps.captions[i]:
-            report["images without a caption skipped"] += 1
+            unreadable += 1
         else:
             keep.append(i)
-            if m != "RGB":
+            if m != "RGB" and len(check) == len(todo):  # counted when every image was decoded
                 report[f"{m} images converted to RGB"] += 1
     ps = ps.subset(keep)
     ps.draft = draft
+    ps.n_decoded, ps.n_unreadable = len(check), unreadable  # for _require_images
     if report:
-        print(f"[data] {name}: {len(ps)} images kept; " + "; ".join(f"{v} {k}" for k, v in sorted(report.items())),
-              file=sys.stderr)
+        lazy = "" if len(check) == len(todo) else (f"; {len(check)} of {len(todo)} decoded now, the others "
+                                                    f"when first used (--verify-images: all now)")
+        counts = "; ".join(f"{v} {k}" for k, v in sorted(report.items()))
+        print(f"[data] {name}: {len(ps)} images kept; {counts}{lazy}", file=sys.stderr)
     ps.report = dict(report)
     return ps
+
+
+def _spread(n, k):
+    """min(n, k) evenly spaced indices of range(n), the first and the last included."""
+    if n <= k:
+        return list(range(n))
+    if k <= 1:
+        return [0] * k
+    return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
+
+
+def _existing(refs, workers=8) -> list:
+    """Whether each image ref exists: one directory listing per folder instead of one `stat` per file.
+    (tar, offset, size) refs were read from their shard's headers, so they exist."""
+    paths = [os.path.split(os.fspath(r)) if isinstance(r, (str, os.PathLike)) else None for r in refs]
+    folders = sorted({p[0] for p in paths if p is not None})
+
+    def listing(d):
+        try:
+            return set(os.listdir(d or "."))
+        except OSError:
+            return set()
+    with ThreadPoolExecutor(workers) as pool:
+        names = dict(zip(folders, pool.map(listing, folders)))
+    return [p is None or p[1] in names[p[0]] for p in paths]
 
 
 def _find_ann(args, kind, patterns):
@@ -585,10 +665,13 @@ def _find_ann(args, kind, patterns):
 
 
 def _require_images(kind, ps, refs):
-    """A training set whose every image is missing or unreadable: fail here, naming the layout."""
-    if refs and not len(ps):
-        raise FileNotFoundError(f"{ps.name}: none of the {len(refs)} images could be read (the first is expected "
-                                f"at {refs[0]!r}; {ps.report}). --data {kind} expects {DOWNLOAD_HINTS[kind]}.")
+    """A training set whose images are all missing or unreadable (every one, or every one decoded at start):
+    fail here, naming the layout."""
+    if refs and (not len(ps) or ps.n_unreadable == ps.n_decoded > 0):
+        what = f"none of the {len(refs)} images" if not len(ps) else \
+            f"none of the {ps.n_decoded} images decoded at start (of {len(refs)})"
+        raise FileNotFoundError(f"{ps.name}: {what} could be read (the first is expected at {refs[0]!r}; "
+                                f"{ps.report}). --data {kind} expects {DOWNLOAD_HINTS[kind]}.")
     return ps
 
 
@@ -600,34 +683,66 @@ def _subsample(items, n, seed=0):
     return [items[i] for i in keep]
 
 
-def load_karpathy(args):
-    """Karpathy split JSON: train = train + restval, test = test (val is returned for probes/tuning)."""
+SPLITS = ("train", "val", "test")
+EVAL_SPLITS = ("test", "val")
+VAL_SOURCES = {"karpathy": 'images with "split": "val" in the Karpathy JSON',
+               "albef": "a *val*.json file beside the training file (its name, 'train' replaced by 'val')",
+               "wds": "a holdout of at least 3 image-caption pairs", "csv": "a holdout of at least 3 rows"}
+
+
+def _finish(kind, name, raw, args, splits, report=None, read=None):
+    """FilePairSets of the asked `splits` of raw {split: [(image ref, captions)]}.
+
+    --max-samples picks the training subset and --max-eval caps the evaluation splits before any file is
+    touched (`read`, if given, turns the chosen items' caption sources into caption lists). Training images
+    get the checks that need no decoding (all of them decoded too with --verify-images), evaluation images
+    are decoded now (the evaluation has no substitute for an unreadable image). `report`: indexing counts,
+    reported with the training split.
+    """
+    out = {}
+    for split in splits:
+        items = raw.get(split) or []
+        if split == "train":
+            items = _subsample(items, args.max_samples)
+            if not items:
+                raise missing(kind, f"training pairs ({name})")
+        elif args.max_eval:
+            items = items[:args.max_eval]
+        if not items:
+            continue
+        refs = [r for r, _ in items]
+        caps = [c for _, c in items] if read is None else read([c for _, c in items])
+        out[split] = clean_pairs(f"{name}-{split}", refs, caps, draft=2 * args.image_size,
+                                 verify=split != "train" or args.verify_images,
+                                 report=report if split == "train" else None)
+        if split == "train":
+            _require_images(kind, out[split], refs)
+    return out
+
+
+def load_karpathy(args, splits=SPLITS):
+    """Karpathy split JSON: train = train + restval, val, test (images of other splits are ignored)."""
     path = _find_ann(args, "karpathy", ["dataset_*.json", "*.json"])
     with open(path) as f:
         images = json.load(f)["images"]
-    splits = {"train": [], "val": [], "test": []}
+    raw = {}
     # dataset_flickr30k.json / dataset_flickr8k.json name no folder: find the one that holds the images
     default_dir = next((d for d in ("", "flickr30k-images", "Flicker8k_Dataset", "Flickr8k_Dataset", "images")
                         if images and os.path.exists(os.path.join(args.data_root, d, images[0]["filename"]))), "")
     for im in images:
         split = "train" if im["split"] == "restval" else im["split"]
         rel = os.path.join(im.get("filepath", default_dir), im["filename"])
-        splits[split].append((os.path.join(args.data_root, rel), [s["raw"] for s in im["sentences"]]))
-    splits["train"] = _subsample(splits["train"], args.max_samples)
-    splits["test"] = splits["test"][:args.max_eval] if args.max_eval else splits["test"]
+        caps = [s["raw"] for s in im["sentences"]]
+        raw.setdefault(split, []).append((os.path.join(args.data_root, rel), caps))
     name = os.path.splitext(os.path.basename(path))[0].replace("dataset_", "")
-    out = {s: clean_pairs(f"{name}-{s}", [r for r, _ in v], [c for _, c in v], draft=2 * args.image_size)
-           for s, v in splits.items() if v}
-    if "train" in out:
-        _require_images("karpathy", out["train"], [r for r, _ in splits["train"]])
-    return out
+    return _finish("karpathy", name, raw, args, splits)
 
 
-def load_albef(args):
+def load_albef(args, splits=SPLITS):
     """ALBEF JSON lists: the training file has one entry per caption; *_test/*_val have caption lists."""
     path = _find_ann(args, "albef", ["*train*.json"])
-    out = {}
-    for split in ("train", "val", "test"):
+    raw = {}
+    for split in splits:
         p = path if split == "train" else \
             os.path.join(os.path.dirname(path), os.path.basename(path).replace("train", split))
         if not os.path.exists(p):
@@ -638,67 +753,215 @@ def load_albef(args):
         for e in entries:  # group the one-caption entries of each image
             caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
             grouped.setdefault(e["image"], []).extend(caps)
-        items = list(grouped.items())
-        items = _subsample(items, args.max_samples) if split == "train" else \
-            (items[:args.max_eval] if args.max_eval and split == "test" else items)
-        out[split] = clean_pairs(f"albef-{split}", [os.path.join(args.data_root, k) for k, _ in items],
-                                 [c for _, c in items], draft=2 * args.image_size)
-        if split == "train":
-            _require_images("albef", out[split], [os.path.join(args.data_root, k) for k, _ in items])
-    return out
+        raw[split] = [(os.path.join(args.data_root, k), caps) for k, caps in grouped.items()]
+    return _finish("albef", "albef", raw, args, splits)
 
 
 def _read_text(data: bytes) -> str:
     return data.decode("utf-8", errors="replace").strip()
 
 
-def load_wds(args):
-    """img2dataset output: .tar shards (read in place with `tarfile`) or extracted {key}.jpg/{key}.txt."""
+def _cores() -> int:
+    """CPU cores this process may run on (the affinity mask: a container's or `taskset`'s share)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def _parallel_map(fn, items, processes):
+    """list(map(fn, items)) in `processes` forked processes (sequential for one, or where fork is missing)."""
+    if processes <= 1 or len(items) <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return list(map(fn, items))
+    fork = multiprocessing.get_context("fork")
+    with ProcessPoolExecutor(min(processes, len(items)), mp_context=fork) as ex:
+        return list(ex.map(fn, items, chunksize=max(1, len(items) // (8 * processes))))
+
+
+class _NotPlainTar(Exception):
+    """A shard _tar_members does not parse (no ustar magic, e.g. compressed; sparse files): `tarfile` reads it."""
+
+
+_TAR_FILE_TYPES, _TAR_SKIP_TYPES = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6", b"K", b"g")
+
+
+def _tar_members(path):
+    """([(name, data offset, size, content if .txt else None)] of the regular files of an uncompressed tar,
+    whether the file is cut short (the members before the cut are returned)).
+
+    Reads only the 512-byte headers (one `pread` each; a small .txt member comes with its header's read),
+    never the images. Handles ustar prefixes, GNU long names and pax path/size records; raises _NotPlainTar
+    for anything else (the caller then uses `tarfile`).
+    """
+    out, long_name, pax = [], None, {}
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        end, off, cut = os.fstat(fd).st_size, 0, False
+        while off + 512 <= end:
+            buf = os.pread(fd, 2048, off)
+            head, data = buf[:512], off + 512
+            if head == bytes(512):
+                break  # end-of-archive marker
+            if head[257:262] != b"ustar":
+                raise _NotPlainTar(path)
+            raw_size = head[124:136]  # octal digits, or base-256 (first byte 0x80) for 8 GiB and more
+            size = int.from_bytes(raw_size[1:], "big") if raw_size[0] & 0x80 \
+                else int(raw_size.strip(b"\0 ") or b"0", 8)
+            kind = head[156:157]
+            if kind in _TAR_FILE_TYPES and "size" in pax:
+                size = int(pax["size"])
+            if data + size > end:
+                cut = True
+                break
+            if kind == b"L":
+                long_name = _tar_payload(fd, buf, data, size).split(b"\0", 1)[0]
+            elif kind == b"x":
+                pax = _pax_records(_tar_payload(fd, buf, data, size))
+            elif kind in _TAR_FILE_TYPES:
+                name = head[:100].split(b"\0", 1)[0]
+                prefix = head[345:500].split(b"\0", 1)[0]
+                name = long_name or (pax["path"].encode("utf-8", "surrogateescape") if "path" in pax
+                                     else prefix + b"/" + name if prefix else name)
+                out.append((name.decode("utf-8", "surrogateescape"), data, size,
+                            _tar_payload(fd, buf, data, size) if name.endswith(b".txt") else None))
+                long_name, pax = None, {}
+            elif kind in _TAR_SKIP_TYPES:  # links, devices, folders; a GNU long link name; global pax records
+                if kind not in (b"K", b"g"):
+                    long_name, pax = None, {}
+            else:
+                raise _NotPlainTar(path)
+            off = data + (size + 511) // 512 * 512
+        else:  # no end-of-archive marker: fine at the end of the file, a cut if a partial header is left
+            cut = off < end and os.pread(fd, end - off, off).strip(b"\0") != b""
+    finally:
+        os.close(fd)
+    return out, cut
+
+
+def _tar_payload(fd, buf, data, size) -> bytes:
+    """A member's content: from the header's read when it fits there, else one more `pread`."""
+    return buf[512:512 + size] if size <= len(buf) - 512 else os.pread(fd, size, data)
+
+
+def _pax_records(block: bytes) -> dict:
+    """The 'LEN key=value\\n' records of a pax extended header."""
+    out, pos = {}, 0
+    while pos < len(block) and block[pos:pos + 1] not in (b"", b"\0"):
+        length = int(block[pos:block.index(b" ", pos)])
+        key, _, value = block[block.index(b" ", pos) + 1:pos + length - 1].partition(b"=")
+        out[key.decode()] = value.decode("utf-8", "surrogateescape")
+        pos += length
+    return out
+
+
+def _index_shard(shard):
+    """One webdataset shard -> ([(image ref (shard, offset, size), caption)], indexing counts), by key."""
+    report = Counter()
+    try:
+        try:
+            members, cut = _tar_members(shard)
+        except (_NotPlainTar, ValueError):
+            with tarfile.open(shard) as tf:
+                members = [(m.name, m.offset_data, m.size,
+                            tf.extractfile(m).read() if m.name.endswith(".txt") else None)
+                           for m in tf.getmembers() if m.isfile()]
+            cut = False
+    except (OSError, tarfile.TarError) as e:
+        report[f"unreadable shards skipped ({type(e).__name__})"] += 1
+        print(f"[data] {shard}: not a readable tar file ({e}); skipped", file=sys.stderr)
+        return [], report
+    if cut:
+        report["shards cut short (the members before the cut are used)"] += 1
+        print(f"[data] {shard}: cut short after {len(members)} complete files; those are used",
+              file=sys.stderr)
+    groups = {}
+    for name, offset, size, text in members:
+        key, ext = os.path.splitext(name)
+        groups.setdefault(key, {})[ext.lower()] = (offset, size, text)
+    pairs = []
+    for key in sorted(groups):
+        g = groups[key]
+        img = next((g[e] for e in IMAGE_EXTS if e in g), None)
+        if img is not None and ".txt" in g:
+            pairs.append(((shard, img[0], img[1]), _read_text(g[".txt"][2])))
+        elif img is not None:
+            report["images without a caption skipped"] += 1
+        elif ".txt" in g:
+            report["captions without an image skipped"] += 1
+    return pairs, report
+
+
+def _index_folder(root):
+    """One walk of an extracted img2dataset folder: (tar shards found, sorted [(caption path, image path)],
+    counts). A caption pairs with the image of the same stem in the same folder (case-insensitive
+    extensions; .jpg before .jpeg, .png, ... when several exist). Hidden files and folders are ignored."""
+    shards, pairs, report = [], [], Counter()
+    for folder, subdirs, files in os.walk(root):
+        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+        stems = {}
+        for f in files:
+            stem, ext = os.path.splitext(f)
+            ext = ext.lower()
+            if f.startswith("."):
+                continue
+            if ext == ".tar":
+                shards.append(os.path.join(folder, f))
+            elif ext == ".txt" or ext in IMAGE_EXTS:
+                stems.setdefault(stem, {})[ext] = f
+        for g in stems.values():
+            img = next((g[e] for e in IMAGE_EXTS if e in g), None)
+            if img and ".txt" in g:
+                pairs.append((os.path.join(folder, g[".txt"]), os.path.join(folder, img)))
+            elif img:
+                report["images without a caption skipped"] += len(g)
+            else:
+                report["captions without an image skipped"] += 1
+    return sorted(shards), sorted(pairs), report
+
+
+def _read_captions(paths, workers=8) -> list:
+    """[[caption]] of each text file (a file that cannot be read gives an empty caption, counted as such)."""
+    def read(chunk):
+        out = []
+        for p in chunk:
+            try:
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+                finally:
+                    os.close(fd)
+            except OSError:
+                data = b""
+            out.append([_read_text(data)])
+        return out
+    chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
+    with ThreadPoolExecutor(workers) as pool:
+        return [c for part in pool.map(read, chunks) for c in part]
+
+
+def load_wds(args, splits=SPLITS):
+    """img2dataset output: .tar shards (headers parsed in parallel, one process per core) or extracted
+    {key}.jpg/{key}.txt files (one walk; only the chosen pairs' captions are read)."""
     root = args.data_root
     if not os.path.isdir(root or ""):
         raise missing("wds", f"--data-root {root!r}")
-    refs, caps, report = [], [], Counter()
-
-    def incomplete(has_image):
-        report["images without a caption skipped" if has_image else "captions without an image skipped"] += 1
-    shards = sorted(glob.glob(os.path.join(root, "**", "*.tar"), recursive=True))
-    for shard in shards:
-        members = {}
-        with tarfile.open(shard) as tf:
-            for m in tf.getmembers():
-                if not m.isfile():
-                    continue
-                key, ext = os.path.splitext(m.name)
-                members.setdefault(key, {})[ext.lower()] = m
-            for key in sorted(members):
-                group = members[key]
-                img = next((group[e] for e in IMAGE_EXTS if e in group), None)
-                if img is None or ".txt" not in group:
-                    if img is not None or ".txt" in group:
-                        incomplete(img is not None)
-                    continue
-                refs.append((shard, img.offset_data, img.size))
-                caps.append([_read_text(tf.extractfile(group[".txt"]).read())])
-    if not shards:
-        txts = set(glob.glob(os.path.join(root, "**", "*.txt"), recursive=True))
-        for txt in sorted(txts):
-            stem = os.path.splitext(txt)[0]
-            img = next((stem + e for e in IMAGE_EXTS if os.path.exists(stem + e)), None)
-            if img:
-                with open(txt, "rb") as f:
-                    refs.append(img)
-                    caps.append([_read_text(f.read())])
-            else:
-                incomplete(False)
-        for p in glob.glob(os.path.join(root, "**", "*"), recursive=True):
-            if p.lower().endswith(IMAGE_EXTS) and os.path.splitext(p)[0] + ".txt" not in txts:
-                incomplete(True)
+    shards, pairs, report = _index_folder(root)
+    if shards:  # shards present: the loose files are not read
+        report = Counter()
+        refs, caps = [], []
+        for shard_pairs, shard_report in _parallel_map(_index_shard, shards, _cores()):
+            refs += [r for r, _ in shard_pairs]
+            caps += [[c] for _, c in shard_pairs]
+            report.update(shard_report)
+        read = None
+    else:
+        refs, caps, read = [img for _, img in pairs], [txt for txt, _ in pairs], _read_captions
     if not refs:
         raise missing("wds", f"image/caption pairs ({{key}}.jpg + {{key}}.txt, or .tar shards) under {root!r} were")
-    return _holdout_split("wds", refs, caps, args, report=report)
+    return _holdout_split("wds", refs, caps, args, splits, report=report, read=read)
 
 
-def load_csv(args):
+def load_csv(args, splits=SPLITS):
     """CSV/TSV with explicit image and caption columns; the delimiter is sniffed."""
     path = _find_ann(args, "csv", ["*.csv", "*.tsv"])
     with open(path, newline="", encoding="utf-8-sig") as f:
@@ -708,41 +971,45 @@ def load_csv(args):
             dialect = csv.Sniffer().sniff(head, delimiters=",\t;|")
         except csv.Error:
             dialect = csv.excel_tab if path.endswith(".tsv") else csv.excel
-        reader = csv.DictReader(f, dialect=dialect)
-        cols = reader.fieldnames or []
+        reader = csv.reader(f, dialect=dialect)
+        cols = next(reader, [])
         for c in (args.image_col, args.caption_col):
             if c not in cols:
                 raise KeyError(f"column {c!r} not in {path}; the columns are {cols}. "
                                f"Choose them with --image-col and --caption-col.")
-        grouped = {}
+        ic, cc = cols.index(args.image_col), cols.index(args.caption_col)
+        grouped, report = {}, Counter()
         for row in reader:
-            grouped.setdefault(row[args.image_col], []).append(row[args.caption_col] or "")
+            if len(row) > max(ic, cc):
+                grouped.setdefault(row[ic], []).append(row[cc])
+            elif len(row) > ic:  # the caption cell is missing: an empty caption, dropped and counted later
+                grouped.setdefault(row[ic], []).append("")
+            elif row:
+                report["rows without an image path skipped"] += 1
     refs = [p if os.path.isabs(p) else os.path.join(args.data_root or os.path.dirname(path), p) for p in grouped]
-    return _holdout_split("csv", refs, list(grouped.values()), args)
+    return _holdout_split("csv", refs, list(grouped.values()), args, splits, report=report)
 
 
-def _holdout_split(name, refs, caps, args, n_test=1000, report=None):
-    """For sources without splits: the last min(1000, 5%) pairs (in the loader's order) are the test split."""
+def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=None, read=None):
+    """For sources without splits, in the loader's order: the last k = min(1000, 5%) pairs (at least 1) are
+    the test split, the k before them the val split (none for fewer than 3 pairs), the rest is train."""
     n = len(refs)
     k = min(n_test, max(1, n // 20)) if n > 1 else 0
-    train = _subsample(list(zip(refs[:n - k], caps[:n - k])), args.max_samples)
-    test = list(zip(refs[n - k:], caps[n - k:]))[: args.max_eval or None]
-    out = {"train": clean_pairs(f"{name}-train", [r for r, _ in train], [c for _, c in train],
-                                draft=2 * args.image_size, report=report)}
-    _require_images(name, out["train"], [r for r, _ in train])
-    if test:
-        out["test"] = clean_pairs(f"{name}-test", [r for r, _ in test], [c for _, c in test], draft=2 * args.image_size)
-    return out
+    v = k if n >= 2 * k + 1 else 0
+    items = list(zip(refs, caps))
+    raw = {"train": items[:n - k - v], "val": items[n - k - v:n - k], "test": items[n - k:]}
+    return _finish(kind, kind, raw, args, splits, report=report, read=read)
 
 
 LOADERS = {"karpathy": load_karpathy, "albef": load_albef, "wds": load_wds, "csv": load_csv}
 CLASSIFY_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
 
 
-def folder_suite(root, args, name=None, templates=CLASSIFY_TEMPLATES) -> EvalSuite:
+def folder_suite(root, args, name=None, templates=CLASSIFY_TEMPLATES, split=None) -> EvalSuite:
     """Any ImageFolder (root/<class>/<image>) as a zero-shot task and a linear probe.
 
-    Deterministic split per class: 60% probe-train, 20% probe-val, 20% test (zero-shot uses test).
+    Deterministic split per class: 60% probe-train, 20% probe-val, 20% test (zero-shot uses test; with
+    split="val", see `_classification_suite`). split=None: args.eval_split.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"ImageFolder {root!r} not found: expected {root}/<class name>/<image files>")
@@ -759,10 +1026,17 @@ def folder_suite(root, args, name=None, templates=CLASSIFY_TEMPLATES) -> EvalSui
     names = [c.replace("_", " ") for c in classes]
     sets = {p: clean_pairs(f"{name}-{p}", [r for r, _ in v], [[names[y]] for _, y in v], {name: [y for _, y in v]},
                            draft=2 * args.image_size) for p, v in parts.items()}
-    return _classification_suite(name, names, templates, sets)
+    return _classification_suite(name, names, templates, sets, split or args.eval_split)
 
 
-def _classification_suite(name, classnames, templates, sets):
+def _classification_suite(name, classnames, templates, sets, split="test"):
+    """Zero-shot on sets[split]; the probe trains on sets["train"] and reports on the test part. split="val"
+    (validation, the test part untouched): zero-shot on the val part, and the probe chooses its weight decay
+    on the val images of even index and reports on those of odd index."""
+    if check_eval_split(split) == "val":
+        return EvalSuite(None, {name: LabelSet(classnames, templates, sets["val"], name)},
+                         {name: ProbeTask(name, classnames, "image", sets["train"], _half(sets["val"], 0),
+                                          _half(sets["val"], 1))})
     return EvalSuite(None, {name: LabelSet(classnames, templates, sets["test"], name)},
                      {name: ProbeTask(name, classnames, "image", sets["train"], sets["val"], sets["test"])})
 
@@ -778,8 +1052,9 @@ class ArrayPairSet(PairSet):
         return Image.fromarray(self.arrays[ref])
 
 
-def cifar_suite(kind, root, args) -> EvalSuite:
-    """CIFAR-10/100 via torchvision (never downloads): probe-train 5000 / probe-val 1000 of train, test 10000."""
+def cifar_suite(kind, root, args, split=None) -> EvalSuite:
+    """CIFAR-10/100 via torchvision (never downloads): probe-train 5000 / probe-val 1000 of train, test 10000
+    (split=None: args.eval_split; "val": see `_classification_suite`)."""
     import torchvision
     cls = {"cifar10": torchvision.datasets.CIFAR10, "cifar100": torchvision.datasets.CIFAR100}[kind]
     try:
@@ -792,39 +1067,58 @@ def cifar_suite(kind, root, args) -> EvalSuite:
     parts = {"train": (tr, idx[:5000]), "val": (tr, idx[5000:]), "test": (te, list(range(len(te))))}
     sets = {p: ArrayPairSet(f"{kind}-{p}", ds.data[ix], [ds.targets[i] for i in ix], names, kind)
             for p, (ds, ix) in parts.items()}
-    return _classification_suite(kind, names, CLASSIFY_TEMPLATES, sets)
+    return _classification_suite(kind, names, CLASSIFY_TEMPLATES, sets, split or args.eval_split)
 
 
-def classify_suites(spec, args) -> EvalSuite:
-    """Parse --classify 'cifar10=DIR,folder=DIR' into one EvalSuite."""
+def classify_suites(spec, args, split=None) -> EvalSuite:
+    """Parse --classify 'cifar10=DIR,folder=DIR' into one EvalSuite (split=None: args.eval_split)."""
     suite = EvalSuite()
     for item in filter(None, (s.strip() for s in spec.split(","))):
         kind, _, root = item.partition("=")
         if kind in ("cifar10", "cifar100"):
-            suite = suite.merge(cifar_suite(kind, root, args))
+            suite = suite.merge(cifar_suite(kind, root, args, split))
         elif kind == "folder":
-            suite = suite.merge(folder_suite(root, args))
+            suite = suite.merge(folder_suite(root, args, split=split))
         else:
             raise ValueError(f"--classify item {item!r}: expected cifar10=DIR, cifar100=DIR or folder=DIR")
     return suite
 
 
-def build_data(args) -> tuple:
-    """(training PairSet, EvalSuite) for the data flags in `args`."""
+def check_eval_split(split: str) -> str:
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"--eval-split {split!r}: choose test or val")
+    return split
+
+
+def _build(args, split, with_train):
+    split = check_eval_split(split)
     if args.data == "synthetic":
-        train, suite = synthetic_suite(args)
+        train, suite = synthetic_suite(args, split, with_train)
     elif args.data in LOADERS:
-        splits = LOADERS[args.data](args)
-        train, suite = splits["train"], EvalSuite(splits.get("test"))
+        parts = LOADERS[args.data](args, ("train", split) if with_train else (split,))
+        if split == "val" and "val" not in parts:
+            raise ValueError(f"--eval-split val: this --data {args.data} dataset has no val split (it needs "
+                             f"{VAL_SOURCES[args.data]}); use --eval-split test")
+        train, suite = parts.get("train"), EvalSuite(parts.get(split))
+        if suite.retrieval is not None and not len(suite.retrieval):
+            raise ValueError(f"{suite.retrieval.name}: no image of the {split} split can be used "
+                             f"({suite.retrieval.report}); --data {args.data} expects "
+                             f"{DOWNLOAD_HINTS[args.data]}")
     else:
         raise ValueError(f"--data {args.data!r}: choose synthetic, karpathy, albef, wds or csv")
     if args.classify:
-        suite = suite.merge(classify_suites(args.classify, args))
+        suite = suite.merge(classify_suites(args.classify, args, split))
     return train, suite
 
 
-def build_eval_suite(args) -> EvalSuite:
-    return build_data(args)[1]
+def build_data(args) -> tuple:
+    """(training PairSet, EvalSuite of args.eval_split) for the data flags in `args`."""
+    return _build(args, args.eval_split, with_train=True)
+
+
+def build_eval_suite(args, split=None) -> EvalSuite:
+    """The EvalSuite of `split` (default args.eval_split: test | val), without building the training set."""
+    return _build(args, args.eval_split if split is None else split, with_train=False)[1]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -851,7 +1145,7 @@ def word_tokenizer(words):
 
 def caption_vocabulary(texts, min_count=2, max_size=30000) -> list:
     """Words seen at least `min_count` times in `texts`, most frequent first (ties alphabetical)."""
-    counts = Counter(w for t in texts for w in _words(t))
+    counts = Counter(_words("\n".join(texts)))  # one pass over all: no word spans a line break
     punct = sorted({c for c in "".join(counts) if not c.isalnum()})
     words = sorted((w for w, n in counts.items() if n >= min_count), key=lambda w: (-counts[w], w))
     return punct + words[:max_size]
@@ -886,17 +1180,57 @@ def eval_transform(image_size: int):
 
 
 def train_transform(image_size: int, strong: bool = False):
-    """Training views. No horizontal flip (captions say left/right), no hue jitter (they name colours).
+    """Training views, PIL image -> uint8 tensor (3, H, W); `to_device` normalizes them on the device.
+    No horizontal flip (captions say left/right), no hue jitter (they name colours).
 
     strong=False: the main view (mild crop); strong=True: the second view for the intra-modal terms
-    (wider crop range, brightness/contrast/saturation jitter, occasional blur).
+    (wider crop range, brightness/contrast/saturation jitter, occasional blur). Every step works on the PIL
+    image, whose pixels are uint8, so `to_device`'s float values are exactly those of ToTensor + Normalize
+    at the end of these steps (the pipeline before the images moved to the device, same random draws).
     """
     from torchvision import transforms as T
     ops = [T.RandomResizedCrop(image_size, scale=(0.5, 1.0) if strong else (0.8, 1.0), ratio=(0.85, 1.18))]
     if strong:
         ops += [T.RandomApply([T.ColorJitter(0.3, 0.3, 0.2, hue=0.0)], p=0.8),
                 T.RandomApply([T.GaussianBlur(3, sigma=(0.1, 1.0))], p=0.3)]
-    return T.Compose(ops + [T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose(ops + [T.PILToTensor()])
+
+
+_NORM_CONSTANTS = {}  # device -> (mean, std) as (1, 3, 1, 1) float32 tensors, made once per device
+
+
+def normalize(images: torch.Tensor) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> float32 (x / 255 - MEAN) / STD per channel, on their device, in their
+    memory format: the same float32 operations, so the same values, as torchvision's ToTensor + Normalize."""
+    if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"normalize expects uint8 images (N, 3, H, W), got {images.dtype} "
+                         f"{tuple(images.shape)}")
+    if images.device not in _NORM_CONSTANTS:  # a small host->device copy, made once rather than every step
+        _NORM_CONSTANTS[images.device] = tuple(
+            torch.tensor(v, dtype=torch.float32).view(1, 3, 1, 1).to(images.device) for v in (MEAN, STD))
+    mean, std = _NORM_CONSTANTS[images.device]
+    return images.float().div_(255).sub_(mean).div_(std)
+
+
+def to_device(batch: dict, device, channels_last: bool = False) -> tuple:
+    """A `train_loader` batch on `device`: (batch, skipped).
+
+    Every tensor is copied with non_blocking=True (asynchronous from the loader's pinned memory on CUDA);
+    4-D uint8 images are converted to normalized float32 there (`normalize`), in channels_last memory
+    format if asked (any 4-D tensor). `skipped`, the count of images substituted in this batch, is read as
+    a Python int from its CPU tensor (no device synchronization) and not copied.
+    """
+    device = torch.device(device)
+    skipped = int(batch["skipped"]) if "skipped" in batch else 0
+    out = {}
+    for k, v in batch.items():
+        if k == "skipped":
+            continue
+        v = v.to(device, non_blocking=True)
+        if v.ndim == 4 and channels_last:
+            v = v.contiguous(memory_format=torch.channels_last)  # on uint8: a quarter of the bytes to move
+        out[k] = normalize(v) if v.ndim == 4 and v.dtype == torch.uint8 else v
+    return out, skipped
 
 
 # EDA (Wei & Zou, 2019) with a small built-in synonym table instead of WordNet: each group is a
@@ -982,12 +1316,16 @@ class StepSampler(Sampler):
 
 
 class TrainPairs(Dataset):
-    """Item (image, caption, seed) -> dict(image, image_aug, text, text_aug, index).
+    """Item (image, caption, seed) -> dict(image, image_aug, text, text_aug, index, skipped).
 
-    The item seed drives every random choice (crop, jitter, EDA), so the same stream gives the same
-    tensors in any worker. An image that fails to load mid-run (deleted, corrupted since the check)
-    is replaced by the next one and counted, never a crash.
+    Images are uint8 tensors (3, H, W) (see `train_transform`). The item seed drives every random choice
+    (crop, jitter, EDA), so the same stream gives the same tensors in any worker. An image that fails to
+    load (corrupt, truncated, deleted since the start) is replaced by the next one, never a crash:
+    `skipped` says how many were tried and failed for this item, and the first failures of each process
+    are printed.
     """
+
+    PRINT_FIRST = 10  # failures printed per process; every one is counted in the items' `skipped`
 
     def __init__(self, pairs: PairSet, image_size: int, second_view: bool = True, eda_alpha: float = 0.1):
         self.pairs, self.second_view, self.eda_alpha = pairs, second_view, eda_alpha
@@ -1006,15 +1344,18 @@ class TrainPairs(Dataset):
                 break
             except Exception as e:  # noqa: BLE001
                 self.failures += 1
-                print(f"[data] could not load image {j} ({e}); using the next one ({self.failures} failures "
-                      f"so far)", file=sys.stderr)
+                if self.failures <= self.PRINT_FIRST:
+                    more = "" if self.failures < self.PRINT_FIRST else \
+                        "; further failures in this process are only counted (the batches' 'skipped')"
+                    print(f"[data] could not load image {j} of {self.pairs.name} ({type(e).__name__}: {e}); "
+                          f"using the next one ({self.failures} failures so far{more})", file=sys.stderr)
         else:
             raise RuntimeError(f"no image of {self.pairs.name} can be loaded")
         caption = self.pairs.captions[j][c % len(self.pairs.captions[j])]  # the substitute's own caption
         rng = random.Random(seed)
         with torch.random.fork_rng(devices=[]):
             torch.default_generator.manual_seed(seed)  # CPU generator only (torch.manual_seed also seeds CUDA, slowly)
-            out = {"image": self.t_main(img), "text": caption, "index": j}
+            out = {"image": self.t_main(img), "text": caption, "index": j, "skipped": attempt}
             if self.second_view:
                 out["image_aug"] = self.t_aug(img)
                 out["text_aug"] = eda(caption, rng, self.eda_alpha)
@@ -1022,17 +1363,23 @@ class TrainPairs(Dataset):
 
 
 class Collate:
-    """Stack images and tokenize captions (and their EDA views) into padded id / mask tensors."""
+    """Stack images (uint8) and tokenize captions (and their EDA views) into padded id / mask tensors;
+    "skipped": the images substituted in this batch (int64 scalar). pad_to_max=True pads every caption
+    to max_len tokens (fixed shapes, e.g. so that torch.compile compiles once), else to the batch's
+    longest."""
 
-    def __init__(self, tokenizer, max_len: int):
-        self.tokenizer, self.max_len = tokenizer, max_len
+    def __init__(self, tokenizer, max_len: int, pad_to_max: bool = False):
+        self.tokenizer, self.max_len, self.pad_to_max = tokenizer, max_len, pad_to_max
 
     def tokenize(self, texts):
-        t = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        t = self.tokenizer(texts, padding="max_length" if self.pad_to_max else True, truncation=True,
+                           max_length=self.max_len, return_tensors="pt")
         return t["input_ids"], t["attention_mask"]
 
     def __call__(self, items):
-        batch = {"image": torch.stack([x["image"] for x in items]), "index": torch.tensor([x["index"] for x in items])}
+        batch = {"image": torch.stack([x["image"] for x in items]),
+                 "index": torch.tensor([x["index"] for x in items]),
+                 "skipped": torch.tensor(sum(x["skipped"] for x in items), dtype=torch.int64)}
         batch["input_ids"], batch["attention_mask"] = self.tokenize([x["text"] for x in items])
         if "image_aug" in items[0]:
             batch["image_aug"] = torch.stack([x["image_aug"] for x in items])
@@ -1040,15 +1387,65 @@ class Collate:
         return batch
 
 
-def train_loader(pairs, tokenizer, args, batch_size, seed, start_step=0, second_view=True):
-    """The DataLoader every trainer uses: endless, deterministic from (seed, start_step)."""
-    from torch.utils.data import DataLoader
-    return DataLoader(TrainPairs(pairs, args.image_size, second_view), batch_size=batch_size,
-                      sampler=StepSampler(pairs, batch_size, seed, start_step), collate_fn=Collate(tokenizer, args.max_len),
-                      num_workers=args.num_workers, pin_memory=torch.cuda.is_available(),
-                      persistent_workers=args.num_workers > 0, drop_last=True,
-                      generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
-                      prefetch_factor=4 if args.num_workers > 0 else None)
+def resolve_workers(num_workers: int) -> int:
+    """--num-workers: n >= 0 as given; -1 = auto: min(CPU cores - 1, 8), at least 0 (the cores this process
+    may use, so a container's or `taskset`'s share: one core is left to the training process)."""
+    if num_workers == -1:
+        return max(0, min(_cores() - 1, 8))
+    if num_workers < 0:
+        raise ValueError(f"--num-workers {num_workers}: use -1 (auto), 0 (load in the main process) or a "
+                         f"count")
+    return num_workers
+
+
+def _worker_init(_worker_id):
+    """DataLoader workers ignore SIGINT and SIGTERM: Ctrl-C (sent to the whole process group) or a scheduler's
+    SIGTERM reaches the trainer alone, which finishes its step and checkpoints; the workers exit when the
+    trainer closes the loader or exits (PyTorch's workers watch their parent)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+class TrainLoader(DataLoader):
+    """A DataLoader with `close()`: stops its persistent workers (and frees their prefetched batches) now,
+    e.g. before the final evaluation; iterating again afterwards starts new workers."""
+
+    def __iter__(self):
+        _OPEN_LOADERS.add(self)
+        return super().__iter__()
+
+    def close(self):
+        it, self._iterator = getattr(self, "_iterator", None), None
+        if it is not None and hasattr(it, "_shutdown_workers"):
+            it._shutdown_workers()
+
+
+_OPEN_LOADERS = weakref.WeakSet()
+
+
+@atexit.register
+def _close_loaders():
+    """At interpreter exit, stop the workers of the loaders still open the normal way. Otherwise
+    multiprocessing's exit handler would stop them with SIGTERM, which they ignore, and wait for them."""
+    for loader in list(_OPEN_LOADERS):
+        loader.close()
+
+
+def train_loader(pairs, tokenizer, args, batch_size, seed, start_step=0, second_view=True, pad_to_max=False):
+    """The DataLoader every trainer uses: endless, deterministic from (seed, start_step).
+
+    Batches: uint8 images (pinned when CUDA is available), token ids and masks, "index", "skipped"; move
+    them with `to_device`. resolve_workers(args.num_workers) persistent worker processes, 2 batches
+    prefetched each, Ctrl-C ignored in them (`_worker_init`); `loader.close()` stops them.
+    """
+    workers = resolve_workers(args.num_workers)
+    return TrainLoader(TrainPairs(pairs, args.image_size, second_view), batch_size=batch_size,
+                       sampler=StepSampler(pairs, batch_size, seed, start_step),
+                       collate_fn=Collate(tokenizer, args.max_len, pad_to_max), num_workers=workers,
+                       pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True,
+                       generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG
+                       prefetch_factor=2 if workers > 0 else None,
+                       worker_init_fn=_worker_init if workers > 0 else None)
 
 
 # ----------------------------------------------------------------------------------------------

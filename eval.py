@@ -1,10 +1,12 @@
 """Every metric, the comparison table and the plots, for any method script and any saved run.
 
-eval.py sees a model only through the shared contract (DESIGN.md §2.5):
+eval.py sees a model only through the contract that every method script's model honours:
     model.encode_image(images (N,3,H,W))                     -> (N, d), L2-normalized
     model.encode_text(input_ids, attention_mask (N,L))       -> (N, d), L2-normalized
     optional  encode_image_indep / encode_text_indep (same signatures): sep.py's independent features z^i
     optional  itm_score(images, input_ids, attention_mask)   -> (N,)  fusion models: the ITM "match" score
+    optional, with itm_score: image_tokens(images) -> (N, T, D) and itm_score_tokens(tokens, input_ids,
+              attention_mask) -> (N,), the same score split in two, so that reranking encodes each image once
 
 Protocols
 - Retrieval, R@k in percent, named by direction: i2t (image query, caption candidates) and t2i.
@@ -16,7 +18,8 @@ Protocols
 - ITM reranking (fusion models, keys retrieval_itm/*): each query's top-k candidates by the ITC cosine are
   reordered by model.itm_score of the (image, caption) pair; the candidates outside the top k follow them
   in ITC order. R@k is then read off that order exactly as above (a query's rank = the number of
-  candidates ordered strictly before its best positive).
+  candidates ordered strictly before its best positive). Each distinct pair is scored once, each image
+  loaded once, and encoded once when the model has image_tokens / itm_score_tokens.
 - Zero-shot classification (CLIP's prompt ensemble): each template is filled with each class name,
   the text features are L2-normalized, averaged over the templates and re-normalized, giving one
   classifier row per class; logits are cosines. Reports top-1/3/5 and balanced accuracy (the mean
@@ -31,8 +34,16 @@ Protocols
   distance, Liang et al. 2022); alignment = mean over matched pairs ||x - y||^2 and uniformity =
   log mean_{i!=j} exp(-2 ||u_i - u_j||^2) per modality (Wang & Isola 2020); matched cosine = mean <x, y>.
 
-CLI: `python eval.py RUN_DIR [RUN_DIR ...] [--plot] [--save] [--data karpathy --data-root DIR]`
+- Periodic validation during training (validate, keys val/...; the trainers pass the validation split):
+  retrieval R@1 both ways and rsum, and zero-shot top-1, on at most 1,000 images of each set, plus one score
+  val/score = (mean zero-shot top-1 over the label sets + rsum / 6) / 2, in percent.
+- Features with a NaN or inf row (a diverged model) are refused with an error naming them: no metric is
+  computed on them.
+
+CLI: `python eval.py RUN_DIR [RUN_DIR ...] [--plot] [--save] [--eval-split val] [--data karpathy --data-root DIR]`
 re-evaluates saved runs (data flags given override each run's saved ones) and prints one Markdown table.
+Checkpoints are read with torch.load(weights_only=True) (load_checkpoint): tensors and plain values only, so
+loading one, from anywhere, never runs code.
 """
 from __future__ import annotations
 
@@ -43,6 +54,8 @@ import fnmatch
 import importlib
 import json
 import math
+import pickle
+import re
 import sys
 from pathlib import Path
 
@@ -77,27 +90,70 @@ def inference(model, device, precision="fp32"):
         model.train(was_training)
 
 
-def _encode(model, method, batches, n_batches, device, precision, progress, desc):
-    """Concatenate model.<method>(*batch) over the batches: (N, d) float32 on the CPU."""
+def resolve_workers(num_workers: int) -> int:
+    """num_workers >= 0 as given; -1 (auto) resolved by data.resolve_workers, the training loader's rule."""
+    if num_workers >= 0:
+        return num_workers
+    import data  # here, not at the top: the metrics need no dataset code
+    return data.resolve_workers(num_workers)
+
+
+class _Images(torch.utils.data.Dataset):
+    """transform(pairset.load_image(i)) for the listed image indices, in order."""
+
+    def __init__(self, pairset, indices, transform):
+        self.pairset, self.indices, self.transform = pairset, list(indices), transform
+
+    def __len__(self):
+        return len(self.indices)
+
+    def __getitem__(self, j):
+        return self.transform(self.pairset.load_image(self.indices[j]))
+
+
+def image_loader(pairset, transform, device, batch_size=256, num_workers=0, indices=None):
+    """DataLoader of (B, 3, H, W) transformed images of a PairSet (all, or `indices`), in order.
+
+    num_workers loader processes (-1 = auto; never more than there are batches); pinned host memory when the
+    device is CUDA, so the copy to the device can be non-blocking.
+    """
+    ds = _Images(pairset, range(len(pairset)) if indices is None else indices, transform)
+    workers = min(resolve_workers(num_workers), math.ceil(len(ds) / batch_size))
+    return torch.utils.data.DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=workers,
+                                       pin_memory=torch.device(device).type == "cuda")
+
+
+def _check_finite(feats, what):
+    """Refuse features with NaN/inf rows (a diverged model): no metric is computed on them."""
+    bad = int((~torch.isfinite(feats)).any(1).sum()) if feats.numel() else 0
+    if bad:
+        raise ValueError(f"{what}: {bad} of {len(feats)} feature rows are not finite (NaN or inf), so no metric "
+                         f"is computed on them; the model has diverged (see the losses in the run's log.jsonl)")
+    return feats
+
+
+def _encode(model, method, batches, n_batches, device, precision, progress, desc, what):
+    """Concatenate model.<method>(*batch) over the batches: (N, d) float32 on the CPU, all rows finite."""
     fn, out = getattr(model, method), []
     with inference(model, device, precision):
         for batch in tqdm(batches, total=n_batches, desc=desc, disable=not progress, leave=False):
             out.append(fn(*(t.to(device, non_blocking=True) for t in batch)).float().cpu())
-    return torch.cat(out)
+    return _check_finite(torch.cat(out), f"{method} of {what}")
 
 
-def encode_images(model, pairset, transform, device, batch_size=256, precision="fp32", indep=False, progress=False):
-    """(N, d) features of every image of a PairSet (indep=True: encode_image_indep)."""
-    starts = range(0, len(pairset), batch_size)
-    batches = ((torch.stack([transform(pairset.load_image(i))
-                             for i in range(s, min(s + batch_size, len(pairset)))]),) for s in starts)
+def encode_images(model, pairset, transform, device, batch_size=256, precision="fp32", indep=False, progress=False,
+                  num_workers=0):
+    """(N, d) features of every image of a PairSet (indep=True: encode_image_indep); images are loaded by
+    num_workers processes (-1 = auto)."""
+    loader = image_loader(pairset, transform, device, batch_size, num_workers)
     method = "encode_image_indep" if indep else "encode_image"
-    return _encode(model, method, batches, len(starts), device, precision, progress, f"encode {pairset.name}")
+    return _encode(model, method, ((x,) for x in loader), len(loader), device, precision, progress,
+                   f"encode {pairset.name}", f"the {len(pairset)} images of {pairset.name!r}")
 
 
 def encode_texts(model, tokenizer, texts, device, max_len, batch_size=512, precision="fp32", indep=False,
-                 progress=False):
-    """(M, d) features of a list of strings (indep=True: encode_text_indep)."""
+                 progress=False, name="texts"):
+    """(M, d) features of a list of strings (indep=True: encode_text_indep); `name` says what they are in errors."""
     starts = range(0, len(texts), batch_size)
 
     def batches():
@@ -106,7 +162,8 @@ def encode_texts(model, tokenizer, texts, device, max_len, batch_size=512, preci
                             return_tensors="pt")
             yield tok["input_ids"], tok["attention_mask"]
     method = "encode_text_indep" if indep else "encode_text"
-    return _encode(model, method, batches(), len(starts), device, precision, progress, "encode texts")
+    return _encode(model, method, batches(), len(starts), device, precision, progress, "encode texts",
+                   f"the {len(texts)} {name}")
 
 
 # ========== Metrics ===============================================================================
@@ -157,7 +214,7 @@ def balanced_accuracy(pred, targets, n_classes) -> float:
 def zeroshot_classifier(model, tokenizer, classnames, templates, device, max_len, precision="fp32"):
     """(C, d) prompt-ensemble classifier: w_c = normalize(mean_t normalize(f(template_t.format(c))))."""
     prompts = [t.format(c) for c in classnames for t in templates]              # class-major, C*T
-    z = encode_texts(model, tokenizer, prompts, device, max_len, precision=precision)
+    z = encode_texts(model, tokenizer, prompts, device, max_len, precision=precision, name="class prompts")
     z = F.normalize(z, dim=-1).view(len(classnames), len(templates), -1)     # (C, T, d)
     return F.normalize(z.mean(1), dim=-1)                                      # (C, d)
 
@@ -230,36 +287,63 @@ def structure_metrics(img_feats, txt_feats, txt2img) -> dict:
 
 
 def itm_scores(model, pairset, pairs, transform, tokenizer, device, max_len, precision="fp32", batch_size=256,
-               progress=False):
-    """(P,) model.itm_score of the (image index, caption index) rows of pairs (P, 2), in batches.
+               progress=False, image_batch_size=64, num_workers=0):
+    """(P,) model.itm_score of the (image index, caption index) rows of pairs (P, 2), in batches of pairs.
 
-    The pairs are scored in image order, so a batch holds few distinct images (a model may encode each
-    once); an image is loaded once per batch that needs it.
+    Every image is loaded once (num_workers loader processes, -1 = auto) and copied to the device once;
+    every caption is tokenized once. The pairs are scored image by image, `image_batch_size` images at a time:
+    - a model with image_tokens(images) -> (n, T, D) and itm_score_tokens(tokens, input_ids, attention_mask)
+      -> (B,) has each image encoded once, its tokens picked per pair on the device;
+    - any other model gets itm_score(images, input_ids, attention_mask), its images picked per pair on the device.
+    A batch of pairs is padded to its longest caption, as if it were tokenized alone.
     """
-    order = torch.argsort(pairs[:, 0] * (pairs[:, 1].max() + 1) + pairs[:, 1])   # by image, then caption
+    pairs = torch.as_tensor(pairs, dtype=torch.long).view(-1, 2)
     texts, out = pairset.texts, torch.empty(len(pairs))
-    starts = range(0, len(pairs), batch_size)
+    if not len(pairs):
+        return out
+    order = torch.argsort(pairs[:, 0] * len(texts) + pairs[:, 1], stable=True)   # by image, then caption
+    img_of, cap_of = pairs[order, 0], pairs[order, 1]                            # (P,) sorted pairs
+    img_ids, counts = torch.unique_consecutive(img_of, return_counts=True)       # distinct images, pairs of each
+    ends = counts.cumsum(0).tolist()                                             # end of each image's pairs
+    tok = tokenizer(texts, padding=True, truncation=True, max_length=max_len, return_tensors="pt")
+    ids_all, mask_all = tok["input_ids"], tok["attention_mask"]                  # (M, L) every caption, once
+    split = hasattr(model, "image_tokens") and hasattr(model, "itm_score_tokens")
+    loader = image_loader(pairset, transform, device, image_batch_size, num_workers, img_ids.tolist())
+    first = 0                                                                    # img_ids index of the batch's first
     with inference(model, device, precision):
-        for s in tqdm(starts, desc="ITM rerank", disable=not progress, leave=False):
-            idx = order[s:s + batch_size]
-            img_ids, inverse = torch.unique(pairs[idx, 0], return_inverse=True)
-            images = torch.stack([transform(pairset.load_image(i)) for i in img_ids.tolist()])[inverse]
-            tok = tokenizer([texts[t] for t in pairs[idx, 1].tolist()], padding=True, truncation=True,
-                            max_length=max_len, return_tensors="pt")
-            out[idx] = model.itm_score(images.to(device), tok["input_ids"].to(device),
-                                       tok["attention_mask"].to(device)).float().cpu()
+        for images in tqdm(loader, desc="ITM rerank", disable=not progress, leave=False):
+            images, n = images.to(device, non_blocking=True), len(images)
+            feats = model.image_tokens(images) if split else images              # (n, T, D) or (n, 3, H, W)
+            lo, hi = (ends[first - 1] if first else 0), ends[first + n - 1]       # this batch's sorted pairs
+            local = torch.repeat_interleave(torch.arange(n), counts[first:first + n])   # (hi - lo,) image in batch
+            for s in range(lo, hi, batch_size):
+                e = min(s + batch_size, hi)
+                ids, mask = ids_all[cap_of[s:e]], mask_all[cap_of[s:e]]             # (B, L)
+                used = mask.bool().any(0)                                          # drop all-padding columns
+                ids, mask = ids[:, used].to(device), mask[:, used].to(device)
+                pick = feats[local[s - lo:e - lo].to(device)]                      # (B, ...) each pair's image
+                score = model.itm_score_tokens(pick, ids, mask) if split else model.itm_score(pick, ids, mask)
+                out[order[s:e]] = score.float().cpu()
+            first += n
     return out
 
 
-def _reranked_ranks(sim, top, top_scores, q_group, c_group, chunk):
+def _sim_rows(img_feats, txt_feats, direction):
+    """rows(s, e) -> (e - s, C) ITC cosines of queries s..e: i2t rows are images, t2i rows are captions."""
+    if direction == "i2t":
+        return lambda s, e: img_feats[s:e] @ txt_feats.T
+    return lambda s, e: (img_feats @ txt_feats[s:e].T).T
+
+
+def _reranked_ranks(rows, n_queries, top, top_scores, q_group, c_group, chunk):
     """Rank of each query's best positive once its top-k candidates are reordered by their rescores.
 
-    sim (Q, C) first-stage scores; top (Q, k) the first stage's top k; top_scores (Q, k) their rescores.
-    The reranked order is: the top k by rescore, then the rest by first-stage score. -> (Q,) long.
+    rows(s, e) -> (e - s, C) first-stage scores; top (Q, k) the first stage's top k; top_scores (Q, k) their
+    rescores. The reranked order is: the top k by rescore, then the rest by first-stage score. -> (Q,) long.
     """
     ranks, k = [], top.shape[1]
-    for s in range(0, len(sim), chunk):
-        sc, tp, ts = sim[s:s + chunk], top[s:s + chunk], top_scores[s:s + chunk]   # (c, C), (c, k), (c, k)
+    for s in range(0, n_queries, chunk):
+        sc, tp, ts = rows(s, s + chunk), top[s:s + chunk], top_scores[s:s + chunk]  # (c, C), (c, k), (c, k)
         pos = q_group[s:s + chunk, None] == c_group[None, :]                     # (c, C) positives
         pos_top = pos.gather(1, tp)                                              # (c, k) positives in the top k
         best_top = ts.masked_fill(~pos_top, float("-inf")).amax(1, keepdim=True)  # (c, 1)
@@ -272,26 +356,30 @@ def _reranked_ranks(sim, top, top_scores, q_group, c_group, chunk):
 
 
 def rerank_retrieval(model, pairset, img_feats, txt_feats, transform, tokenizer, device, max_len, k=16,
-                     precision="fp32", ks=(1, 5, 10), batch_size=256, chunk=1024, progress=False) -> dict:
+                     precision="fp32", ks=(1, 5, 10), batch_size=256, chunk=1024, progress=False,
+                     num_workers=0) -> dict:
     """i2t_R@k, t2i_R@k (percent) and rsum after ITM reranking of each query's top-k ITC candidates.
 
     img_feats (N,d), txt_feats (M,d): the ITC features of pairset's images and captions. Every distinct
-    (image, caption) pair among the N*k + M*k candidates is scored once by model.itm_score.
+    (image, caption) pair among the N*k + M*k candidates is scored once by itm_scores (which encodes each
+    image once); the (N, M) cosine matrix is never held whole, only `chunk` query rows at a time.
     """
-    sim = img_feats.float() @ txt_feats.float().T                            # (N, M) ITC cosines
+    img_feats, txt_feats = img_feats.float(), txt_feats.float()
+    n, m = len(img_feats), len(txt_feats)
     txt2img = torch.as_tensor(pairset.txt2img, dtype=torch.long)            # (M,)
-    img_ids = torch.arange(len(img_feats))                                   # (N,)
-    top_i2t = sim.topk(min(k, sim.shape[1]), dim=1).indices                  # (N, k) captions of each image
-    top_t2i = sim.T.topk(min(k, sim.shape[0]), dim=1).indices                # (M, k) images of each caption
-    pairs = torch.cat([torch.stack([img_ids[:, None].expand_as(top_i2t), top_i2t], -1).view(-1, 2),
-                       torch.stack([top_t2i, torch.arange(len(txt_feats))[:, None].expand_as(top_t2i)],
-                               -1).view(-1, 2)])                             # (N*k + M*k, 2) (image, caption)
-    pairs, inverse = torch.unique(pairs, dim=0, return_inverse=True)        # each distinct pair scored once
-    scores = itm_scores(model, pairset, pairs, transform, tokenizer, device, max_len, precision, batch_size,
-                        progress)[inverse]
-    s_i2t, s_t2i = scores[:top_i2t.numel()].view_as(top_i2t), scores[top_i2t.numel():].view_as(top_t2i)
-    ranks = {"i2t": _reranked_ranks(sim, top_i2t, s_i2t, img_ids, txt2img, chunk),
-             "t2i": _reranked_ranks(sim.T, top_t2i, s_t2i, txt2img, img_ids, chunk)}
+    img_ids, txt_ids = torch.arange(n), torch.arange(m)
+    rows = {d: _sim_rows(img_feats, txt_feats, d) for d in ("i2t", "t2i")}
+    top = {d: torch.cat([rows[d](s, s + chunk).topk(min(k, c), dim=1).indices for s in range(0, q, chunk)])
+           for d, q, c in (("i2t", n, m), ("t2i", m, n))}                      # (N, k) captions, (M, k) images
+    keys = torch.cat([(img_ids[:, None] * m + top["i2t"]).flatten(),          # pair (i, t) -> i * M + t
+                      (top["t2i"] * m + txt_ids[:, None]).flatten()])
+    keys, inverse = torch.unique(keys, return_inverse=True)                  # each distinct pair scored once
+    scores = itm_scores(model, pairset, torch.stack([keys // m, keys % m], 1), transform, tokenizer, device,
+                        max_len, precision, batch_size, progress, num_workers=num_workers)[inverse]
+    n_i2t = top["i2t"].numel()
+    s_i2t, s_t2i = scores[:n_i2t].view_as(top["i2t"]), scores[n_i2t:].view_as(top["t2i"])
+    ranks = {"i2t": _reranked_ranks(rows["i2t"], n, top["i2t"], s_i2t, img_ids, txt2img, chunk),
+             "t2i": _reranked_ranks(rows["t2i"], m, top["t2i"], s_t2i, txt2img, img_ids, chunk)}
     out = {f"{d}_R@{r}": 100.0 * (rk < r).float().mean().item() for d, rk in ranks.items() for r in ks}
     out["rsum"] = sum(out.values())
     return out
@@ -311,26 +399,34 @@ def _probe_data(task, pairset, feats):
     return feats[keep], y[keep]
 
 
+def _feature_cache(model, tokenizer, transform, device, max_len, precision, cache, progress, num_workers):
+    """feats(pairset, kind) -> (n, d) features, encoded once per PairSet and kind and kept in `cache`:
+    (id(pairset), 'image' | 'text' | 'image_indep' | 'text_indep') -> (pairset, features)."""
+    def feats(pairset, kind):
+        if (id(pairset), kind) not in cache:         # keeping pairset in the value keeps its id unique
+            indep = kind.endswith("_indep")
+            f = (encode_images(model, pairset, transform, device, precision=precision, indep=indep,
+                               progress=progress, num_workers=num_workers) if kind.startswith("image") else
+                 encode_texts(model, tokenizer, pairset.texts, device, max_len, precision=precision,
+                              indep=indep, progress=progress, name=f"captions of {pairset.name!r}"))
+            cache[id(pairset), kind] = (pairset, f)
+        return cache[id(pairset), kind][1]
+    return feats
+
+
 def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp32", cache=None,
-             progress=False, itm_k=16) -> dict:
+             progress=False, itm_k=16, num_workers=0) -> dict:
     """Flat {'retrieval/i2t_R@1': ..., 'zeroshot/<name>/top1': ..., 'probe/<name>/<z|z+zi>/acc': ...,
     'structure/modality_gap': ...} of one model on one EvalSuite; models with itm_score also get
     'retrieval_itm/...' (the top itm_k ITC candidates of each query reranked by ITM).
 
     Each PairSet is encoded once per modality; `cache` (optional dict, filled in place) maps
     (id(pairset), 'image' | 'text' | 'image_indep' | 'text_indep') -> (pairset, (n, d) features).
+    Images are loaded by num_workers processes (-1 = auto). Features with NaN/inf rows (a diverged model)
+    raise a ValueError naming them.
     """
     cache = {} if cache is None else cache
-
-    def feats(pairset, kind):
-        if (id(pairset), kind) not in cache:         # keeping pairset in the value keeps its id unique
-            indep = kind.endswith("_indep")
-            f = (encode_images(model, pairset, transform, device, precision=precision, indep=indep,
-                               progress=progress) if kind.startswith("image") else
-                 encode_texts(model, tokenizer, pairset.texts, device, max_len, precision=precision,
-                              indep=indep, progress=progress))
-            cache[id(pairset), kind] = (pairset, f)
-        return cache[id(pairset), kind][1]
+    feats = _feature_cache(model, tokenizer, transform, device, max_len, precision, cache, progress, num_workers)
 
     def probe_split(task, pairset, indep):                                    # features and labels
         f = feats(pairset, task.modality)                                       # (n, d)
@@ -345,7 +441,7 @@ def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp3
         if hasattr(model, "itm_score"):
             out.update(_prefixed("retrieval_itm", rerank_retrieval(
                 model, ps, feats(ps, "image"), feats(ps, "text"), transform, tokenizer, device, max_len, itm_k,
-                precision, progress=progress)))
+                precision, progress=progress, num_workers=num_workers)))
     for name, ls in suite.zeroshot.items():
         w = zeroshot_classifier(model, tokenizer, ls.classnames, ls.templates, device, max_len, precision)
         out.update(_prefixed(f"zeroshot/{name}", zeroshot_metrics(feats(ls.images, "image"), w,
@@ -358,11 +454,58 @@ def evaluate(model, tokenizer, suite, transform, device, max_len, precision="fp3
     return out
 
 
+def validate(model, tokenizer, suite, transform, device, max_len, precision="fp32", max_images=1000,
+             num_workers=0) -> dict:
+    """Cheap metrics for periodic validation during training; each key is 'val/' + evaluate()'s key:
+    val/retrieval/i2t_R@1, val/retrieval/t2i_R@1 and val/retrieval/rsum on the first max_images images of
+    suite.retrieval (and their captions), val/zeroshot/<name>/top1 on the first max_images images of each
+    zero-shot label set, and one selection score (percent, higher is better):
+
+        val/score = ( mean over label sets of zeroshot top-1  +  retrieval rsum / 6 ) / 2
+
+    (rsum / 6 is the mean of the six recalls; a suite with only one of the two parts scores that part alone).
+    No ITM reranking, probe or structure metric. With at most max_images images per set the numbers equal
+    evaluate()'s. The model's train/eval mode is left as it was found.
+    """
+    if max_images < 1:
+        raise ValueError(f"validate: max_images must be >= 1, got {max_images}")
+    feats = _feature_cache(model, tokenizer, transform, device, max_len, precision, {}, False, num_workers)
+    heads = {}
+
+    def head(ps):   # the first max_images images; one subset per PairSet, so a shared set is encoded once
+        if id(ps) not in heads:
+            heads[id(ps)] = (ps, ps if len(ps) <= max_images else ps.subset(range(max_images)))
+        return heads[id(ps)][1]
+
+    out, parts = {}, []
+    if suite.retrieval is not None:
+        ps = head(suite.retrieval)
+        r = retrieval_metrics(feats(ps, "image"), feats(ps, "text"), ps.txt2img)
+        out.update({f"val/retrieval/{k}": float(r[k]) for k in ("i2t_R@1", "t2i_R@1", "rsum")})
+        parts.append(r["rsum"] / 6)
+    top1 = []
+    for name, ls in suite.zeroshot.items():
+        ims = head(ls.images)
+        w = zeroshot_classifier(model, tokenizer, ls.classnames, ls.templates, device, max_len, precision)
+        top1.append(zeroshot_metrics(feats(ims, "image"), w, ims.labels[ls.target])["top1"])
+        out[f"val/zeroshot/{name}/top1"] = float(top1[-1])
+    if top1:
+        parts.append(sum(top1) / len(top1))
+    if not parts:
+        raise ValueError("validate: the suite has neither a retrieval set nor a zero-shot label set")
+    out["val/score"] = float(sum(parts) / len(parts))
+    return out
+
+
 # ========== Comparison table ======================================================================
 DEFAULT_COLUMNS = ("retrieval/i2t_R@*", "retrieval/t2i_R@*", "retrieval/rsum", "retrieval_itm/i2t_R@*",
                    "retrieval_itm/t2i_R@*", "retrieval_itm/rsum", "zeroshot/*/top1", "probe/*/acc",
                    "structure/modality_gap", "structure/alignment", "structure/uniformity_*",
                    "structure/matched_cosine")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def comparison_table(rows: dict, columns=None) -> str:
@@ -371,8 +514,7 @@ def comparison_table(rows: dict, columns=None) -> str:
     columns: metric keys or fnmatch patterns, expanded in order over the numeric keys present
     (default DEFAULT_COLUMNS: retrieval, zero-shot top-1, probe accuracy, structure).
     """
-    present = list(dict.fromkeys(k for m in rows.values() for k, v in m.items()
-                                 if isinstance(v, (int, float)) and not isinstance(v, bool)))
+    present = list(dict.fromkeys(k for m in rows.values() for k, v in m.items() if _is_num(v)))
     cols = list(dict.fromkeys(k for pat in (columns or DEFAULT_COLUMNS) for k in present
                               if fnmatch.fnmatchcase(k, pat)))
     heads = [k.split("/", 1)[1] if k.startswith(("retrieval/", "structure/")) else k for k in cols]
@@ -431,36 +573,119 @@ def plot_embeddings_grid(panels: dict, path, ncols=3):
     fig.savefig(path, dpi=150)
 
 
+def _series(records, key):
+    """(steps, values) of the log rows holding a number under key."""
+    pts = [(r["step"], r[key]) for r in records if "step" in r and _is_num(r.get(key))]
+    return [p[0] for p in pts], [p[1] for p in pts]
+
+
+def curve_panels(records) -> list:
+    """[(title, keys)] that plot_curves draws for log.jsonl rows (dicts), in order; panels without keys omitted:
+    - losses: every loss* term, the total `loss` first; a term equal to `loss` at every step (e.g. loss_con
+      when L_con is the whole loss) is left out, as it would hide under it;
+    - temperature: 1/τ, logged as logit_scale;
+    - learning rate: lr;
+    - validation: the 'val/...' keys.
+    """
+    keys = sorted({k for r in records for k, v in r.items() if k != "step" and _is_num(v)})
+    total = _series(records, "loss")
+    losses = sorted((k for k in keys if k.startswith("loss") and (k == "loss" or _series(records, k) != total)),
+                    key=lambda k: (k != "loss", k))
+    panels = (("losses", losses), ("temperature", [k for k in keys if k == "logit_scale"]),
+              ("learning rate", [k for k in keys if k == "lr"]),
+              ("validation", [k for k in keys if k.startswith("val/")]))
+    return [(title, ks) for title, ks in panels if ks]
+
+
 def plot_curves(log_jsonl_path, path):
-    """Every numeric loss* key of a run's log.jsonl against step, one subplot per key, to path (PNG)."""
+    """A run's log.jsonl against step in one figure (PNG at path), one panel per kind of curve (curve_panels):
+    the loss terms with a legend and the total `loss` bold black, the temperature 1/τ, the learning rate, and
+    the validation metrics (percent, with markers; rsum drawn as rsum / 6, the mean recall, so every curve
+    shares the 0-100 axis; val/score bold black)."""
     with open(log_jsonl_path) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    is_num = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
-    keys = sorted({k for r in records for k, v in r.items() if k.startswith("loss") and is_num(v)})
-    if not keys:
-        raise ValueError(f"{log_jsonl_path}: no numeric 'loss*' keys to plot")
-    fig, axes = _figure(len(keys), 1, size=(6.0, 2.0))
-    for ax, key in zip(axes[:, 0], keys):
-        pts = [(r["step"], r[key]) for r in records if "step" in r and is_num(r.get(key))]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1)
-        ax.set_ylabel(key, fontsize=8)
-    axes[-1, 0].set_xlabel("step")
+    panels = curve_panels(records)
+    if not panels:
+        raise ValueError(f"{log_jsonl_path}: no loss*, logit_scale, lr or val/... numbers to plot")
+    ncols = min(2, len(panels))
+    fig, axes = _figure(math.ceil(len(panels) / ncols), ncols, size=(6.0, 3.8))
+    ylabels = {"losses": "loss", "temperature": "1/τ (logit_scale)", "learning rate": "learning rate",
+               "validation": "percent"}
+    for ax, (title, ks) in zip(axes.flat, panels):
+        for k in ks:
+            x, y = _series(records, k)
+            bold = k in ("loss", "val/score")
+            if k.endswith("/rsum"):
+                y, k = [v / 6 for v in y], f"{k} / 6"
+            ax.plot(x, y, lw=2.2 if bold else 1.1, color="black" if bold else None, label=k,
+                    marker="o" if title == "validation" else None, ms=3)
+        ax.set(title=title, xlabel="step", ylabel=ylabels[title])
+        if title == "learning rate":
+            ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 3))
+        if title in ("losses", "validation"):
+            ax.legend(fontsize=7, loc="best")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_axis_off()
+    fig.suptitle(Path(log_jsonl_path).parent.name, fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
 
 
 # ========== Saved runs and the command line =======================================================
+METHOD_SCRIPTS = ("clip_base", "sep", "bridge", "geocons", "albef_fusion", "codis")
+
+
+def load_checkpoint(path, expect_script=None) -> dict:
+    """The dict a method script saved (model, optimizer, scheduler, scaler, step, args, rng, script), on the CPU.
+
+    Loaded with torch.load(weights_only=True): only tensors and plain Python values (dict, list, str, numbers)
+    are unpickled, never an arbitrary object, so a checkpoint from anywhere cannot run code when loaded; a file
+    holding anything else is refused, never retried with the unsafe loader. Its "script" must be one of
+    METHOD_SCRIPTS, and expect_script (e.g. for --resume) when given.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no checkpoint at {path}: expected a checkpoint.pt written by a method script "
+                                f"(e.g. python clip_base.py)")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"unsupported (global: )?GLOBAL \S+|Unsupported operand \S+", str(e), re.IGNORECASE)
+        detail = found.group(0) if found else ""
+        raise pickle.UnpicklingError(
+            f"refused to load {path}: it holds something other than tensors and plain Python values"
+            f"{f' ({detail})' if detail else ''}. Checkpoints are loaded with torch.load(weights_only=True), "
+            f"which never unpickles other objects, so that a shared checkpoint can never run code. A checkpoint "
+            f"saved by an older version of a method script (args as a dataclass, RNG states as other objects) "
+            f"must be re-saved by a current script; a file from elsewhere is not a checkpoint of this "
+            f"project.") from None
+    except (RuntimeError, EOFError, OSError) as e:    # truncated, unreadable, or not written by torch.save
+        raise ValueError(f"{path} could not be read as a checkpoint ({e}): truncated, or not written by "
+                         f"torch.save") from e
+    script = ckpt.get("script") if isinstance(ckpt, dict) else None
+    if script not in METHOD_SCRIPTS:
+        raise ValueError(f"{path} is not a checkpoint of a method script: its 'script' is {script!r}, expected "
+                         f"one of {', '.join(METHOD_SCRIPTS)}")
+    if expect_script is not None and script != expect_script:
+        raise ValueError(f"{path} was written by {script}.py, not {expect_script}.py: resume it with "
+                         f"python {script}.py --resume {path}")
+    return ckpt
+
+
 def load_run(run_dir, device):
     """(model, tokenizer, args, module) rebuilt from RUN_DIR/checkpoint.pt by the script that wrote it.
 
-    The tokenizer is RUN_DIR/tokenizer/ when the run saved one, else data.build_tokenizer(saved args).
+    The checkpoint is read by load_checkpoint (tensors and plain values only; its script must be one of
+    METHOD_SCRIPTS). The tokenizer is RUN_DIR/tokenizer/ when the run saved one, else
+    data.build_tokenizer(saved args).
     """
     import data  # here, not at the top: the metrics above need no dataset code
     path = Path(run_dir) / "checkpoint.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}: expected RUN_DIR/checkpoint.pt as written by a "
-                                f"method script (e.g. python clip_base.py)")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    ckpt = load_checkpoint(path)
+    missing = [k for k in ("model", "args") if not isinstance(ckpt.get(k), dict)]
+    if missing:
+        raise ValueError(f"{path} has no {' and no '.join(missing)} dict: not a complete checkpoint")
     here = str(Path(__file__).resolve().parent)
     if here not in sys.path:
         sys.path.insert(0, here)
@@ -471,6 +696,11 @@ def load_run(run_dir, device):
             raise
         raise ModuleNotFoundError(f"{path} was written by {ckpt['script']}.py, expected next to eval.py in "
                                   f"{here}") from e
+    fields = {f.name for f in dataclasses.fields(module.Args)}
+    unknown = sorted(set(ckpt["args"]) - fields)
+    if unknown:
+        raise ValueError(f"{path}: its args {unknown} are not flags of the current {ckpt['script']}.py: it was "
+                         f"written by another version of the script")
     args = module.Args(**ckpt["args"])
     if (Path(run_dir) / "tokenizer").is_dir():   # the exact tokenizer of training, saved by the script
         from transformers import AutoTokenizer
@@ -491,7 +721,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--zeroshot-folder", default="", help="an ImageFolder (DIR/<class>/<images>) added as a "
                                                         "zero-shot + linear-probe task")
     p.add_argument("--plot", action="store_true", help="write RUN_DIR/embeddings.png and RUN_DIR/curves.png")
-    p.add_argument("--save", action="store_true", help="write RUN_DIR/metrics_eval.json")
+    p.add_argument("--save", action="store_true", help="write RUN_DIR/metrics_eval.json (with --eval-split val: "
+                                                      "metrics_eval_val.json)")
     p.add_argument("--itm-k", type=int, default=None, help="fusion models: ITC candidates per query reranked by "
                                                           "ITM (default: the run's own --itm-k, else 16)")
     group = p.add_argument_group("data flags", "override the run's saved value only when given")
@@ -500,7 +731,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_run(run_dir, opts, overrides, device) -> dict:
-    """Re-evaluate one run (data flags in `overrides` replace its saved ones); save / plot as asked."""
+    """Re-evaluate one run (data flags in `overrides` replace its saved ones) on the split its eval_split
+    names (--eval-split: test, or val for model selection); save / plot as asked."""
     import data
     model, tokenizer, args, _ = load_run(run_dir, device)
     unknown = set(overrides) - {f.name for f in dataclasses.fields(args)}
@@ -512,10 +744,13 @@ def evaluate_run(run_dir, opts, overrides, device) -> dict:
     transform, cache, metrics = data.eval_transform(args.image_size), {}, {}
     for suite in suites:
         metrics.update(evaluate(model, tokenizer, suite, transform, device, args.max_len, opts.precision,
-                                cache=cache, progress=True, itm_k=opts.itm_k or getattr(args, "itm_k", 16)))
-    run_dir = Path(run_dir)
-    if opts.save:
-        (run_dir / "metrics_eval.json").write_text(json.dumps(metrics, indent=2))
+                                cache=cache, progress=True, itm_k=opts.itm_k or getattr(args, "itm_k", 16),
+                                num_workers=getattr(args, "num_workers", 0)))
+    run_dir, split = Path(run_dir), getattr(args, "eval_split", "test")
+    metrics["eval_split"] = split   # a string: the table shows only numbers
+    if opts.save:   # the test split's numbers are never overwritten by the validation split's
+        name = "metrics_eval.json" if split == "test" else f"metrics_eval_{split}.json"
+        (run_dir / name).write_text(json.dumps(metrics, indent=2))
     if opts.plot and suites[0].retrieval is not None:
         ps = suites[0].retrieval
         plot_embeddings(cache[id(ps), "image"][1], cache[id(ps), "text"][1], ps.txt2img,
@@ -533,7 +768,9 @@ def main(argv=None):
     rows = {}
     for r in opts.runs:   # row name = folder name, or the path as given when two folders share a name
         name = Path(r).resolve().name
-        rows[name if name not in rows else str(r)] = evaluate_run(r, opts, overrides, device)
+        name = name if name not in rows else str(r)
+        metrics = evaluate_run(r, opts, overrides, device)
+        rows[name if metrics["eval_split"] == "test" else f"{name} [{metrics['eval_split']}]"] = metrics
     print(comparison_table(rows))
 
 

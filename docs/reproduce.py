@@ -1,10 +1,10 @@
 """Regenerate every result table of docs/results.md from scratch (the CleanRL-style benchmark script).
 
     python docs/reproduce.py synthetic                 # 5 two-tower methods x 3 seeds, default budget (CPU)
-    python docs/reproduce.py flickr8k --data-root ../shared/data/flickr8k    # 5 methods x 1 seed
+    python docs/reproduce.py flickr8k --data-root DIR    # 5 methods x 1 seed (DIR: see docs/real_data.md)
     python docs/reproduce.py theorem1                  # texture visibility sweep (Theorem 1)
-    python docs/reproduce.py fusion                    # ALBEF and CODIS x 3 seeds (issues 4, 5)
-    python docs/reproduce.py fusion-flickr8k           # ALBEF and CODIS on Flickr8k, 1 seed
+    python docs/reproduce.py fusion                    # ALBEF and CODIS x 3 seeds
+    python docs/reproduce.py fusion-flickr8k --data-root DIR   # ALBEF and CODIS on Flickr8k, 1 seed
     python docs/reproduce.py codis-ablation            # codebook size, plan features, intra terms (seed 1)
     python docs/reproduce.py ablation-table            # its table, beside ALBEF and CODIS at their defaults
     python docs/reproduce.py codebook RUN_DIR          # docs/codebook.png from a CODIS run (e.g. python codis.py)
@@ -29,7 +29,7 @@ METHODS = {"CLIP (2-term)": ("clip_base.py", ["--plain-clip", "--exp-name", "cli
            "OURS_Sep": ("sep.py", ["--exp-name", "sep"]),
            "OURS_Br": ("bridge.py", ["--exp-name", "bridge"]),
            "OURS_GC": ("geocons.py", ["--exp-name", "geocons"])}
-# the fusion models (issues 4, 5), and CODIS's ablation (codebook size, plan features, intra-modal terms)
+# the fusion models, and CODIS's ablation (codebook size, plan features, intra-modal terms)
 FUSION = {"ALBEF": ("albef_fusion.py", ["--exp-name", "albef_fusion"]),
           "CODIS": ("codis.py", ["--exp-name", "codis"])}
 CODIS_ABLATION = {"CODIS, K = 32": ("codis.py", ["--exp-name", "codis_k32", "--codebook-size", "32"]),
@@ -37,7 +37,7 @@ CODIS_ABLATION = {"CODIS, K = 32": ("codis.py", ["--exp-name", "codis_k32", "--c
                   "CODIS, student plans": ("codis.py", ["--exp-name", "codis_student", "--plan-features", "student"]),
                   "CODIS, no i2i/t2t": ("codis.py", ["--exp-name", "codis_nointra", "--no-intra"]),
                   "CODIS, no codebook (λ_code = 0)": ("codis.py", ["--exp-name", "codis_nocode", "--code-weight", "0"]),
-                  "CODIS, λ_code = 1 (the slide's sum)": ("codis.py", ["--exp-name", "codis_cw1", "--code-weight", "1"])}
+                  "CODIS, λ_code = 1 (the paper's sum)": ("codis.py", ["--exp-name", "codis_cw1", "--code-weight", "1"])}
 LABELS = {extra[extra.index("--exp-name") + 1]: label
           for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION}.items()}
 FLICKR = ["--data", "karpathy", "--image-size", "64", "--epochs", "5"]
@@ -190,7 +190,7 @@ def figures(folder, seed=1):
 
 def codebook_figure(run_dir, n_codes=6, n_images=6, n_words=5):
     """docs/codebook.png: for the most used codewords of a CODIS run, the test images and the caption words
-    assigned to them most strongly (the seed's qualitative analysis). Images: the highest P_i2p(k) of the
+    assigned to them most strongly (the paper's qualitative analysis). Images: the highest P_i2p(k) of the
     test images; words: those most over-represented in the captions whose nearest codeword is k."""
     sys.path.insert(0, ROOT)
     import collections
@@ -235,8 +235,10 @@ def main():
                                     "figures"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
-    p.add_argument("--data-root", default=os.path.join(ROOT, "..", "shared", "data", "flickr8k"))
+    p.add_argument("--data-root", default="", help="flickr8k experiments: the Flickr8k folder (docs/real_data.md)")
     a = p.parse_args()
+    if "flickr8k" in a.what and not a.data_root:
+        p.error(f"{a.what} needs --data-root DIR: the Flickr8k images and dataset_flickr8k.json (docs/real_data.md)")
     if a.what == "synthetic":
         experiment("synthetic", [], a.seeds)
     elif a.what == "flickr8k":

@@ -46,6 +46,7 @@ def tokens(tokenizer, texts):
 # ----------------------------------------------------------------------------------------------
 # queue
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_queue_is_a_fifo_with_wraparound():
     M, N, E = 12, 4, 3
     image_q, text_q = torch.arange(M * E).float().view(M, E), -torch.arange(M * E).float().view(M, E)
@@ -86,6 +87,7 @@ def test_default_flags_pass_the_start_up_checks(script):
 # ----------------------------------------------------------------------------------------------
 # momentum model
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_momentum_update_formula():
     torch.manual_seed(0)
     online, momentum = nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4)), nn.Sequential(nn.Linear(3, 4), nn.LayerNorm(4))
@@ -98,6 +100,7 @@ def test_momentum_update_formula():
     assert all(torch.equal(p, p_m) for p, p_m in zip(online.parameters(), momentum.parameters()))
 
 
+@pytest.mark.method
 def test_momentum_model_is_not_trained_by_the_optimizer(tokenizer):
     model, args = tiny_model(tokenizer, batch_size=8, queue_size=16)
     model.train()
@@ -124,6 +127,7 @@ def test_momentum_model_is_not_trained_by_the_optimizer(tokenizer):
     assert any(not torch.equal(p, b) for p, b in zip(mom, before))
 
 
+@pytest.mark.method
 def test_grad_checkpoint_gives_the_same_losses_and_gradients(tokenizer):
     batch = toy_batch(tokenizer)
     out = []
@@ -141,6 +145,7 @@ def test_grad_checkpoint_gives_the_same_losses_and_gradients(tokenizer):
 # ----------------------------------------------------------------------------------------------
 # MLM masking
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_mask_tokens_rule_and_proportions():
     torch.manual_seed(0)
     PAD, CLS, SEP, MASK, V = 0, 2, 3, 4, 100
@@ -170,6 +175,7 @@ def test_mask_tokens_rule_and_proportions():
 # ----------------------------------------------------------------------------------------------
 # ITM hard negatives
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_hard_negatives_are_never_the_positive():
     torch.manual_seed(0)
     n = 8
@@ -188,6 +194,7 @@ def test_hard_negatives_are_never_the_positive():
         assert (index[neg_text] != index).all() and (index[neg_image] != index).all()
 
 
+@pytest.mark.method
 def test_hard_negatives_follow_the_softmax():
     """Row 0 has one very similar negative (column 3): it is drawn almost always; uniform rows spread out."""
     torch.manual_seed(0)
@@ -202,6 +209,7 @@ def test_hard_negatives_follow_the_softmax():
 # ----------------------------------------------------------------------------------------------
 # distillation targets and the three losses against loops
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_distill_targets_formula():
     torch.manual_seed(0)
     s_m = torch.randn(4, 4 + 6, dtype=torch.float64) * 3
@@ -228,6 +236,7 @@ def distilled_nce_loop(a, a_m, keys, tau, alpha):
     return total / len(a)
 
 
+@pytest.mark.method
 def test_loss_itc_matches_loop():
     n, m, e, tau, alpha = 3, 6, 5, 0.1, 0.4
     z_v, z_t, z_v_m, z_t_m = (unit(n, e, seed=s) for s in range(4))
@@ -241,6 +250,7 @@ def test_loss_itc_matches_loop():
     assert s_i2t.shape == (n, n + m)
 
 
+@pytest.mark.method
 def test_loss_itc_is_fp32_under_autocast():
     z_v, z_t, z_v_m, z_t_m, q_img, q_txt = (unit(4 if s < 4 else 8, 16, seed=s).float() for s in range(6))
     temp = torch.tensor(0.07)
@@ -250,6 +260,7 @@ def test_loss_itc_is_fp32_under_autocast():
     assert got.dtype == s_i2t.dtype == torch.float32 and got.item() == pytest.approx(want.item(), rel=1e-6)
 
 
+@pytest.mark.method
 def test_loss_mlm_and_itm_match_formulas():
     torch.manual_seed(0)
     logits, logits_m, labels = torch.randn(5, 7, dtype=torch.float64), torch.randn(5, 7), torch.randint(7, (5,))
@@ -264,6 +275,7 @@ def test_loss_mlm_and_itm_match_formulas():
     assert albef.loss_itm(itm, 2).item() == pytest.approx(want.item(), rel=1e-6)
 
 
+@pytest.mark.method
 def test_alpha_ramp():
     args = albef.Args(alpha=0.4, alpha_ramp=100)
     assert [albef.alpha_at(s, args, 1000) for s in (0, 50, 100, 500)] == pytest.approx([0, 0.2, 0.4, 0.4])
@@ -276,6 +288,7 @@ def test_alpha_ramp():
 # ----------------------------------------------------------------------------------------------
 # the encoders: bidirectional attention, the contract, pretrained weights
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_text_and_fusion_encoders_are_bidirectional(tokenizer):
     """The trap of HF BertModel's cross-attention (is_decoder=True = causal): changing the LAST token must
     change the [CLS] output of the text encoder and of the fusion encoder."""
@@ -299,6 +312,7 @@ def test_text_and_fusion_encoders_are_bidirectional(tokenizer):
         assert not torch.allclose(bert.fuse(w, mask, other)[:, 0], h[:, 0], atol=1e-4)
 
 
+@pytest.mark.method
 def test_contract_shapes_and_itm_score(tokenizer):
     model, _ = tiny_model(tokenizer)
     images = torch.randn(3, 3, 32, 32)

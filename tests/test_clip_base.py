@@ -21,6 +21,7 @@ def nce_loop(a, b, tau):
     return total / len(a)
 
 
+@pytest.mark.method
 def test_nce_matches_loop():
     a, b = unit(7, 5, seed=1), unit(7, 5, seed=2)
     scale = torch.tensor(math.log(1 / 0.07))
@@ -30,6 +31,7 @@ def test_nce_matches_loop():
     assert abs(nce_loop(a, b, 0.07) - nce_loop(b, a, 0.07)) > 1e-3
 
 
+@pytest.mark.method
 def test_nce_perfect_and_uniform():
     e = torch.eye(4, dtype=torch.float64)
     # perfectly matched one-hot pairs at 1/τ = 100: loss ≈ log(1 + 3 e^{-100}) ≈ 0
@@ -39,6 +41,7 @@ def test_nce_perfect_and_uniform():
     assert clip_base.nce(same, same, torch.tensor(0.0)).item() == pytest.approx(math.log(4))
 
 
+@pytest.mark.method
 def test_loss_con_is_the_mean_of_four_terms():
     f = {"v": unit(6, 4, seed=3), "t": unit(6, 4, seed=4)}
     f_a = {"v": unit(6, 4, seed=5), "t": unit(6, 4, seed=6)}
@@ -52,6 +55,7 @@ def test_loss_con_is_the_mean_of_four_terms():
     assert plain["con"].item() == pytest.approx(sum(expected[:2]) / 2, rel=1e-5)
 
 
+@pytest.mark.method
 def test_pad_cat():
     a, b = torch.tensor([[2, 7, 3]]), torch.tensor([[2, 7, 8, 9, 3]])
     assert clip_base.pad_cat(a, b).tolist() == [[2, 7, 3, 0, 0], [2, 7, 8, 9, 3]]
@@ -66,7 +70,7 @@ def test_args_help_lists_every_field(capsys):
 
 @pytest.mark.slow
 def test_smoke_subprocess_and_eval_cli(tmp_path):
-    """The script as a user runs it: outputs of DESIGN §3, then eval.py re-evaluates the saved run."""
+    """The script as a user runs it: the outputs a run writes, then eval.py re-evaluates the saved run."""
     run, rows, metrics = smoke_run("clip_base.py", tiny_args(tmp_path), tmp_path,
                                    ("loss", "loss_v2t", "loss_t2v", "loss_v2v", "loss_t2t", "logit_scale", "lr",
                                     "samples_per_s"))

@@ -1,4 +1,4 @@
-"""codis.py: IPOT against exact optima (brute force over permutations), Sinkhorn, the slide's uniform form and
+"""codis.py: IPOT against exact optima (brute force over permutations), Sinkhorn, CODIS's printed uniform form and
 low-precision inputs; the codebook losses and L_ica against hand computations; a smoke run, exact resume, eval.py."""
 import itertools
 import json
@@ -32,6 +32,7 @@ def uniform(n):
 
 
 @pytest.mark.parametrize("n", [3, 5, 7])
+@pytest.mark.method
 def test_ipot_reaches_the_exact_optimum_and_beats_sinkhorn(n):
     cost = torch.rand(n, n, generator=torch.Generator().manual_seed(n), dtype=torch.float64)
     best = exact_uniform_ot(cost)
@@ -43,6 +44,7 @@ def test_ipot_reaches_the_exact_optimum_and_beats_sinkhorn(n):
     assert plan.flatten().topk(n).values.sum().item() == pytest.approx(1.0, abs=1e-3)
 
 
+@pytest.mark.method
 def test_ipot_marginals_on_rectangular_problems():
     """Columns are exact after every outer step (σ is updated last); rows converge with the steps: within 1e-4 at
     the defaults for CODIS's uniform marginals, and with 3 inner steps for strongly non-uniform ones."""
@@ -64,8 +66,8 @@ def test_ipot_marginals_on_rectangular_problems():
         assert torch.allclose(plan.sum(0).double(), nu, atol=1e-4), n
 
 
-def slide_ipot(cost, beta, n_outer):
-    """The seed's Algorithm 2 as printed: n×n, μ = ν = 1/n, σ = 1/n·1, δ = μ / (n Q σ), σ = ν / (n Qᵀ δ)."""
+def printed_ipot(cost, beta, n_outer):
+    """CODIS's IPOT algorithm as printed: n×n, μ = ν = 1/n, σ = 1/n·1, δ = μ / (n Q σ), σ = ν / (n Qᵀ δ)."""
     n = len(cost)
     mu = nu = uniform(n)
     sigma, plan = torch.full((n,), 1 / n, dtype=torch.float64), torch.ones(n, n, dtype=torch.float64)
@@ -78,16 +80,18 @@ def slide_ipot(cost, beta, n_outer):
     return plan
 
 
-def test_slide_form_is_the_uniform_case_with_mass_one_over_n():
+@pytest.mark.method
+def test_printed_form_is_the_uniform_case_with_mass_one_over_n():
     n = 6
     cost = torch.rand(n, n, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    slide = slide_ipot(cost, beta=0.5, n_outer=30)
+    printed = printed_ipot(cost, beta=0.5, n_outer=30)
     ours = codis.ipot(cost, uniform(n), uniform(n), beta=0.5, n_outer=30).double()
-    assert slide.sum().item() == pytest.approx(1 / n, rel=1e-6)
-    assert torch.allclose(n * slide, ours, atol=1e-6)
+    assert printed.sum().item() == pytest.approx(1 / n, rel=1e-6)
+    assert torch.allclose(n * printed, ours, atol=1e-6)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.method
 def test_ipot_is_finite_for_low_precision_costs(dtype):
     cost = (2 * torch.rand(64, 32, generator=torch.Generator().manual_seed(2))).to(dtype)   # costs in [0, 2]
     cost[0] = 2.0   # a row as far as it gets from every codeword
@@ -99,6 +103,7 @@ def test_ipot_is_finite_for_low_precision_costs(dtype):
         assert torch.allclose(plan.sum(1), torch.full((64,), 1 / 64), atol=1e-4 if beta == 0.5 else 1e-3)
 
 
+@pytest.mark.method
 def test_ipot_under_autocast_runs_in_fp32():
     cost = torch.rand(8, 4)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -110,6 +115,7 @@ def test_ipot_under_autocast_runs_in_fp32():
 # ----------------------------------------------------------------------------------------------
 # the codebook losses and L_ica against hand computations
 # ----------------------------------------------------------------------------------------------
+@pytest.mark.method
 def test_swapped_prediction_matches_a_loop():
     z, codebook = unit(3, 4, seed=0), unit(5, 4, seed=1)
     plan = torch.rand(3, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64) / 15
@@ -122,6 +128,7 @@ def test_swapped_prediction_matches_a_loop():
     assert codis.swapped_prediction(z, codebook, plan, gamma).item() == pytest.approx(want, rel=1e-5)
 
 
+@pytest.mark.method
 def test_loss_code_swaps_the_plans_and_sends_ot_gradients_to_the_codebook_only():
     n, k, e = 6, 4, 5
     args = codis.Args(code_temp=0.2, ipot_beta=0.5, ipot_outer=40, ipot_inner=1)
@@ -150,6 +157,7 @@ def test_loss_code_swaps_the_plans_and_sends_ot_gradients_to_the_codebook_only()
     assert f_v.grad is None
 
 
+@pytest.mark.method
 def test_loss_code_is_fp32_under_autocast():
     args = codis.Args()
     feats = [unit(8, 16, seed=s).float() for s in range(4)]
@@ -161,6 +169,7 @@ def test_loss_code_is_fp32_under_autocast():
         assert got[k].dtype == torch.float32 and got[k].item() == pytest.approx(want[k].item(), rel=1e-6), k
 
 
+@pytest.mark.method
 def test_loss_ica_adds_the_intra_modal_terms():
     n, m, e, tau, alpha = 3, 6, 5, 0.1, 0.4
     z_v, z_t, z_v_m, z_t_m = (unit(n, e, seed=s) for s in range(4))
@@ -176,6 +185,7 @@ def test_loss_ica_adds_the_intra_modal_terms():
     assert s_i2t.shape == s_t2i.shape == (n, n + m)
 
 
+@pytest.mark.method
 def test_code_perplexity():
     assert codis.code_perplexity(torch.tensor([5.0, 5.0, 5.0, 5.0, 0.0])) == pytest.approx(4.0)
     assert codis.code_perplexity(torch.tensor([0.0, 7.0, 0.0])) == pytest.approx(1.0)
@@ -184,6 +194,7 @@ def test_code_perplexity():
     assert codis.code_perplexity(torch.zeros(3)) == 0.0
 
 
+@pytest.mark.method
 def test_code_weight_scales_l_code_and_zero_leaves_the_codebook_untrained(tokenizer):
     """L = L_mlm + L_itm + L_ica + λ L_code; with λ = 0 (the ablation's "no codebook" row) no gradient reaches C."""
     batch = toy_batch(tokenizer)

@@ -116,7 +116,10 @@ def test_karpathy_ann_file_and_max_eval(karpathy_dir, tmp_path):
     assert by_path["test"].refs == by_name["test"].refs[:2]
 
 
-def test_karpathy_bad_inputs_are_counted_not_fatal(tmp_path, capsys):
+@pytest.mark.parametrize("verify", [True, False])
+def test_karpathy_bad_inputs_are_counted_not_fatal(tmp_path, capsys, monkeypatch, verify):
+    """Missing files and empty captions are found at start without decoding; a corrupt or truncated image
+    at start with --verify-images, else when a batch needs it (substituted and counted in "skipped")."""
     root = tmp_path / "dirty"
     d = root / "imgs"
     write_jpeg(d / "good.jpg", PALETTE[0])
@@ -145,33 +148,51 @@ def test_karpathy_bad_inputs_are_counted_not_fatal(tmp_path, capsys):
     root.mkdir(exist_ok=True)
     (root / "dataset_dirty.json").write_text(json.dumps({"images": images}))
 
-    splits = data.load_karpathy(dargs(data_root=str(root)))
+    monkeypatch.setattr(data, "START_SAMPLE", 1)  # without --verify-images: only good.jpg is decoded at start
+    decoded = []
+    load = data.FilePairSet._load
+    monkeypatch.setattr(data.FilePairSet, "_load", lambda self, ref: decoded.append(ref) or load(self, ref))
+    splits = data.load_karpathy(dargs(data_root=str(root), verify_images=verify))
     train = splits["train"]
-    assert train.report == {"empty captions dropped": 5,
-                            unreadable("UnidentifiedImageError"): 1,
-                            unreadable("OSError"): 1,
-                            unreadable("FileNotFoundError"): 1,
-                            "images without a caption skipped": 1,
-                            "L images converted to RGB": 1,
-                            "RGBA images converted to RGB": 1,
-                            "CMYK images converted to RGB": 1}
-    assert [os.path.basename(r) for r in train.refs] == ["good.jpg", "gray.jpg", "rgba.png", "cmyk.jpg",
-                                                         "somecaption.jpg", "restval.jpg"]
-    assert train.captions == [["a red one", "another red one"], ["a gray one"], ["a see-through one"],
-                              ["a cmyk red one"], ["a blue one"], ["a yellow one"]]
+    cheap = {"empty captions dropped": 5, "missing images skipped": 1, "images without a caption skipped": 1}
+    kept = ["good.jpg", "gray.jpg", "rgba.png", "cmyk.jpg", "somecaption.jpg", "restval.jpg"]
+    caps = [["a red one", "another red one"], ["a gray one"], ["a see-through one"], ["a cmyk red one"],
+            ["a blue one"], ["a yellow one"]]
+    if verify:
+        assert train.report == {**cheap, unreadable("UnidentifiedImageError"): 1, unreadable("OSError"): 1,
+                                "L images converted to RGB": 1, "RGBA images converted to RGB": 1,
+                                "CMYK images converted to RGB": 1}
+        assert len(decoded) == 8 + 1  # every training image with a caption that exists, and the test image
+    else:
+        assert train.report == cheap
+        assert [os.path.basename(r) for r in decoded] == ["good.jpg", "test.jpg"]
+        kept[1:1], caps[1:1] = ["random.jpg", "truncated.jpg"], [["random bytes"], ["cut short"]]
+    assert [os.path.basename(r) for r in train.refs] == kept
+    assert train.captions == caps
     assert train.draft == 64
-    assert_colour(train.load_image(0), PALETTE[0])
-    assert_colour(train.load_image(1), (100, 100, 100))
-    rgba = train.load_image(2)
+    good = [i for i, r in enumerate(train.refs) if "random" not in r and "truncated" not in r]
+    assert_colour(train.load_image(good[0]), PALETTE[0])
+    assert_colour(train.load_image(good[1]), (100, 100, 100))
+    rgba = train.load_image(good[2])
     assert rgba.mode == "RGB" and rgba.getpixel((2, 5)) == (255, 255, 255)
     assert all(abs(a - b) <= 2 for a, b in zip(rgba.getpixel((28, 5)), (40, 60, 220)))
-    assert_colour(train.load_image(3), (255, 0, 0))
-    assert_colour(train.load_image(4), PALETTE[2])
+    assert_colour(train.load_image(good[3]), (255, 0, 0))
+    assert_colour(train.load_image(good[4]), PALETTE[2])
     assert splits["test"].report == {} and len(splits["test"]) == 1
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("[data] dirty-train")]
-    assert len(lines) == 1 and "6 images kept" in lines[0]  # reported once
+    assert len(lines) == 1 and f"{len(kept)} images kept" in lines[0]  # reported once
+    assert ("1 of 8 decoded now" in lines[0]) != verify
     assert not any(ln.startswith("[data] dirty-test") for ln in err.splitlines())  # nothing to report
+    if not verify:  # the loader: every batch (one epoch of the 8) substitutes random.jpg (its substitute,
+        # truncated.jpg, fails too: 2) and truncated.jpg (1), and counts them
+        tok = data.word_tokenizer(data.caption_vocabulary(train.texts, min_count=1))
+        loader = data.train_loader(train, tok, dargs(), batch_size=8, seed=0)
+        for batch in _take(loader, 3):
+            assert batch["skipped"].dtype == torch.int64 and batch["skipped"].shape == ()
+            assert batch["skipped"] == 3
+            assert sorted(batch["index"].tolist()) == [0, 3, 3, 3, 4, 5, 6, 7]
+        assert "could not load image 1 of dirty-train (UnidentifiedImageError" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("kind, hint", [("karpathy", "dataset_coco.json"), ("albef", "{'image': path, 'caption': str}"),
@@ -246,7 +267,7 @@ def test_albef_loader(tmp_path):
         assert train.refs == [os.path.join(str(root), f"images/{k}.jpg") for k in "01245"]
         assert train.captions == [["zero a", "zero b"], ["one a", "one b", "one c"], ["two a"],
                                   ["four a", "four b"], ["five a"]]
-        assert train.report == {"empty captions dropped": 1, unreadable("FileNotFoundError"): 1}
+        assert train.report == {"empty captions dropped": 1, "missing images skipped": 1}
         assert val.captions == [["six a", "six b"]] and val.report == {}
         assert test.captions == [["seven a", "seven b"], ["eight a"]]
         assert test.report == {"empty captions dropped": 1}
@@ -312,21 +333,24 @@ def test_wds_loader(tmp_path, layout):
     root = tmp_path / "cc3m"
     write_wds(root, layout)
     splits = data.load_wds(dargs(data="wds", data_root=str(root)))
-    train, test = splits["train"], splits["test"]
-    # 6 complete pairs (sorted by shard, then key): the last one is the held-out test split
-    assert train.captions == [["a red square"], ["a green square"], ["a magenta square"]]
-    assert test.captions == [["a cyan square"]]
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    # 6 complete pairs (sorted by shard, then key): the last one is the held-out test split, the one before
+    # it the val split (k = min(1000, max(1, 6 // 20)) = 1 each)
+    assert train.captions == [["a red square"], ["a green square"]]
+    assert val.captions == [["a magenta square"]] and test.captions == [["a cyan square"]]
+    # the corrupt image is one of the first 32 training images, decoded at start
     assert train.report == {unreadable("UnidentifiedImageError"): 1, "empty captions dropped": 1,
                             "images without a caption skipped": 2, "captions without an image skipped": 1}
-    assert test.report == {}
+    assert val.report == {} and test.report == {}
     if layout == "tar":
-        assert all(isinstance(r, tuple) and r[0].endswith(".tar") for r in train.refs + test.refs)
+        assert all(isinstance(r, tuple) and r[0].endswith(".tar") for r in train.refs + val.refs + test.refs)
     else:
-        assert [os.path.relpath(r, root) for r in train.refs] == [
+        assert [os.path.relpath(r, root) for r in train.refs + val.refs] == [
             os.path.join("00000", "000000000.jpg"), os.path.join("00000", "000000001.jpg"),
             os.path.join("00001", "000010001.png")]
-    for i, c in enumerate([0, 1, 4]):
+    for i, c in enumerate([0, 1]):
         assert_colour(train.load_image(i), PALETTE[c])
+    assert_colour(val.load_image(0), PALETTE[4])
     assert_colour(test.load_image(0), PALETTE[5])
 
 
@@ -364,12 +388,14 @@ def test_csv_loader(tmp_path, variant):
                   encoding="utf-8-sig" if variant == "csv-bom" else "utf-8")
         kw = {}
     splits = data.load_csv(dargs(data="csv", data_root=str(root), **kw))
-    train, test = splits["train"], splits["test"]
+    train, val, test = splits["train"], splits["val"], splits["test"]
+    # 6 images in row order: a, b, c, missing, d, e; the last is the test split, d the val split
     assert train.refs == [str(root / "imgs/a.jpg"), str(root / "imgs/b.jpg"), str(root / "imgs" / "c.png")]
     assert train.captions == [["a red square, seen from above", "another red caption"], ['a "green" square'],
                               ["a blue square"]]
-    assert train.report == {unreadable("FileNotFoundError"): 1, "empty captions dropped": 1,
-                            "images without a caption skipped": 1}
+    assert train.report == {"missing images skipped": 1}
+    assert len(val) == 0
+    assert val.report == {"empty captions dropped": 1, "images without a caption skipped": 1}
     assert test.captions == [["a magenta square"]] and test.report == {}
     for i, c in enumerate([0, 1, 2]):
         assert_colour(train.load_image(i), PALETTE[c])
@@ -409,16 +435,16 @@ def _clean_source(kind, root: Path, n=10):
             write_jpeg(root / "im" / f"{i}.jpg", PALETTE[i % 12])
         (root / "x_train.json").write_text(json.dumps(
             [{"image": f"im/{i}.jpg", "caption": f"caption {i} {j}"} for j in range(2) for i in range(n)]))
-    elif kind == "wds":
+    elif kind == "wds":  # n + 2 pairs: the last is the test split, the one before it the val split
         with tarfile.open(root / "00000.tar", "w") as tf:
-            for i in range(n + 1):
+            for i in range(n + 2):
                 for name, payload in ((f"{i:09d}.jpg", jpeg_bytes(PALETTE[i % 12])), (f"{i:09d}.txt", b"cap")):
                     info = tarfile.TarInfo(name)
                     info.size = len(payload)
                     tf.addfile(info, io.BytesIO(payload))
     elif kind == "csv":
         rows = ["filepath,title"]
-        for i in range(n + 1):
+        for i in range(n + 2):
             write_jpeg(root / "im" / f"{i}.jpg", PALETTE[i % 12])
             rows.append(f"im/{i}.jpg,caption {i}")
         (root / "x.csv").write_text("\n".join(rows) + "\n")
@@ -874,15 +900,15 @@ def test_train_pairs_seeded_by_item(synth_small):
     state = torch.get_rng_state()
     a, b, c = tp[(2, 1, 1234)], tp2[(2, 1, 1234)], tp[(2, 1, 1235)]
     assert torch.equal(state, torch.get_rng_state())  # the global generator is left alone
-    assert set(a) == {"image", "image_aug", "text", "text_aug", "index"}
-    assert a["image"].shape == (3, 32, 32) and a["image"].dtype == torch.float32
+    assert set(a) == {"image", "image_aug", "text", "text_aug", "index", "skipped"}
+    assert a["image"].shape == (3, 32, 32) and a["image"].dtype == torch.uint8 and a["skipped"] == 0
     assert a["index"] == 2 and a["text"] == synth_small.captions[2][1]
     assert torch.equal(a["image"], b["image"]) and torch.equal(a["image_aug"], b["image_aug"])
     assert a["text_aug"] == b["text_aug"]
     assert not torch.equal(a["image"], c["image"]) and not torch.equal(a["image_aug"], c["image_aug"])
     assert not torch.equal(a["image"], a["image_aug"])
     plain = data.TrainPairs(synth_small, 32, second_view=False)[(2, 1, 1234)]
-    assert set(plain) == {"image", "text", "index"}
+    assert set(plain) == {"image", "text", "index", "skipped"}
 
 
 def test_train_pairs_survives_a_vanished_image(tmp_path, capsys):
@@ -892,7 +918,7 @@ def test_train_pairs_survives_a_vanished_image(tmp_path, capsys):
     os.remove(tmp_path / "1.jpg")
     tp = data.TrainPairs(ps, 32)
     item = tp[(1, 0, 7)]
-    assert item["image"].shape == (3, 32, 32) and tp.failures == 1
+    assert item["image"].shape == (3, 32, 32) and tp.failures == 1 and item["skipped"] == 1
     assert "could not load image 1" in capsys.readouterr().err
     # the substitute keeps its own caption and index, so the positive pair stays a real pair
     assert item["index"] == 2 and item["text"] == "c"
@@ -916,8 +942,9 @@ def test_train_loader_batches(synth_small, synth_tok):
     batches = _take(loader, 5)
     b = batches[0]
     assert set(b) == {"image", "image_aug", "index", "input_ids", "attention_mask", "input_ids_aug",
-                      "attention_mask_aug"}
+                      "attention_mask_aug", "skipped"}
     assert b["image"].shape == (4, 3, 32, 32) and b["image_aug"].shape == (4, 3, 32, 32)
+    assert b["image"].dtype == b["image_aug"].dtype == torch.uint8 and b["skipped"] == 0
     assert b["index"].shape == (4,) and b["index"].dtype == torch.long
     for ids, mask in (("input_ids", "attention_mask"), ("input_ids_aug", "attention_mask_aug")):
         assert b[ids].dtype == torch.long and b[ids].shape == b[mask].shape
@@ -937,4 +964,244 @@ def test_train_loader_batches(synth_small, synth_tok):
     for x, y in zip(resumed, batches[3:]):
         assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x)
     plain = next(iter(data.train_loader(synth_small, synth_tok, args, batch_size=2, seed=0, second_view=False)))
-    assert set(plain) == {"image", "index", "input_ids", "attention_mask"}
+    assert set(plain) == {"image", "index", "input_ids", "attention_mask", "skipped"}
+
+
+def test_uint8_batches_and_to_device_equal_the_float_pipeline(synth_small, synth_tok):
+    """Workers send uint8; to_device's floats are exactly those of the pipeline that ended in ToTensor +
+    Normalize in the worker (same crops, jitter and blur: the same seeded draws)."""
+    from torchvision import transforms as T
+    batch = next(iter(data.train_loader(synth_small, synth_tok, dargs(), batch_size=4, seed=3)))
+    dev, skipped = data.to_device(batch, "cpu")
+    assert skipped == 0 and "skipped" not in dev and set(dev) == set(batch) - {"skipped"}
+    assert dev["image"].dtype == dev["image_aug"].dtype == torch.float32
+    assert torch.equal(dev["input_ids"], batch["input_ids"])
+    to_float = [T.ToTensor(), T.Normalize(data.MEAN, data.STD)]  # replaces the final PILToTensor
+    old = {strong: T.Compose(data.train_transform(32, strong).transforms[:-1] + to_float)
+           for strong in (False, True)}
+    for j, (i, c, seed) in enumerate(_take(data.StepSampler(synth_small, 4, 3), 4)):
+        img = synth_small.load_image(i)
+        with torch.random.fork_rng(devices=[]):
+            torch.default_generator.manual_seed(seed)
+            want, want_aug = old[False](img), old[True](img)
+        assert torch.equal(dev["image"][j], want) and torch.equal(dev["image_aug"][j], want_aug)
+    # and by hand, in float64, for every pixel: (v / 255 - mean) / std
+    u = batch["image"].double()
+    mean, std = torch.tensor(data.MEAN).view(1, 3, 1, 1), torch.tensor(data.STD).view(1, 3, 1, 1)
+    assert torch.allclose(dev["image"].double(), (u / 255 - mean) / std, atol=1e-6, rtol=0)
+    cl, _ = data.to_device(batch, "cpu", channels_last=True)
+    assert cl["image"].is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(cl["image"], dev["image"])
+    with pytest.raises(ValueError, match="uint8 images"):
+        data.normalize(dev["image"])
+
+
+def test_pad_to_max_gives_fixed_shapes(synth_small, synth_tok):
+    args = dargs(max_len=24)
+    fixed = _take(data.train_loader(synth_small, synth_tok, args, batch_size=4, seed=1, pad_to_max=True), 3)
+    free = _take(data.train_loader(synth_small, synth_tok, args, batch_size=4, seed=1), 3)
+    for f, g in zip(fixed, free):
+        for ids, mask in (("input_ids", "attention_mask"), ("input_ids_aug", "attention_mask_aug")):
+            assert f[ids].shape == f[mask].shape == (4, 24)
+            L = g[ids].shape[1]
+            assert L < 24 and torch.equal(f[ids][:, :L], g[ids]) and torch.equal(f[mask][:, :L], g[mask])
+            assert bool((f[ids][:, L:] == synth_tok.pad_token_id).all()) and not f[mask][:, L:].any()
+
+
+def test_resolve_workers(monkeypatch):
+    for cores, want in ((1, 0), (2, 1), (4, 3), (16, 8), (64, 8)):
+        monkeypatch.setattr(data, "_cores", lambda: cores)
+        assert data.resolve_workers(-1) == want
+    assert data.resolve_workers(0) == 0 and data.resolve_workers(5) == 5
+    with pytest.raises(ValueError, match="-1 \\(auto\\)"):
+        data.resolve_workers(-2)
+    assert data.DataArgs().num_workers == -1
+
+
+def test_worker_process_batches_skips_sigint_and_close(tmp_path, synth_tok):
+    """One worker process: the same batches as the main process, its substitutes counted in "skipped",
+    SIGINT (Ctrl-C) and SIGTERM ignored, and close() stops it."""
+    import signal
+    import time
+    refs = [str(write_jpeg(tmp_path / f"{i}.jpg", PALETTE[i])) for i in range(5)]
+    write_corrupt(tmp_path / "2.jpg")  # unreadable since the start-up check: substituted by 3.jpg
+    ps = data.clean_pairs("w", refs, [[f"caption {i}"] for i in range(5)], verify=False, sample=0)
+    assert len(ps) == 5 and ps.report == {}
+    main = _take(data.train_loader(ps, synth_tok, dargs(), batch_size=5, seed=2), 3)
+    loader = data.train_loader(ps, synth_tok, dargs(num_workers=1), batch_size=5, seed=2)
+    it = iter(loader)
+    got = [next(it)]
+    worker = it._workers[0]
+    os.kill(worker.pid, signal.SIGINT)
+    os.kill(worker.pid, signal.SIGTERM)
+    time.sleep(0.5)
+    assert worker.is_alive()
+    got += [next(it), next(it)]
+    for a, b in zip(main, got):
+        assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert int(b["skipped"]) == 1 and 2 not in b["index"].tolist() and b["index"].tolist().count(3) == 2
+    loader.close()
+    assert not worker.is_alive()
+
+
+EXIT_WITH_OPEN_LOADER = """
+import sys
+sys.path.insert(0, {root!r})
+import data
+ps = data.SynthPairSet("train", 16, size=16)
+LOADER = data.train_loader(ps, data.word_tokenizer(data.synth_vocabulary()), data.DataArgs(num_workers=2,
+                           image_size=16), 4, 0)
+IT = iter(LOADER)
+next(IT)
+print("workers", *[w.pid for w in IT._workers])
+"""
+
+
+def test_exit_with_an_open_loader_does_not_hang(tmp_path):
+    """Workers ignore SIGTERM, which is how multiprocessing stops daemonic workers at exit: data.py closes
+    the open loaders first, so a script that ends with a loader still iterating exits (and its workers too)."""
+    import subprocess
+    import sys
+    script = tmp_path / "exit.py"
+    script.write_text(EXIT_WITH_OPEN_LOADER.format(root=str(Path(data.__file__).parent)))
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    pids = [int(p) for p in out.stdout.split()[1:]]
+    assert len(pids) == 2
+    for pid in pids:  # gone (a zombie would still answer kill 0 only until its parent reaped it: it has exited)
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_tar_headers_match_tarfile(tmp_path):
+    """The header parser against `tarfile` on GNU, pax and ustar archives: long names, a ustar prefix, a
+    non-ASCII name, a caption longer than the read-ahead, folders and links between the files."""
+    members = [("d" * 90 + "/" + "k" * 40 + ".jpg", jpeg_bytes()), ("short.txt", b"a caption"),
+               ("caf\u00e9.txt", "un caf\u00e9".encode()), ("big.txt", b"word " * 700), ("empty.txt", b"")]
+    long = [("x" * 150 + ".jpg", jpeg_bytes(PALETTE[1])), ("x" * 150 + ".txt", b"a long-named caption")]
+    for fmt, extra in ((tarfile.GNU_FORMAT, long), (tarfile.PAX_FORMAT, long), (tarfile.USTAR_FORMAT, [])):
+        path = tmp_path / f"{fmt}.tar"
+        with tarfile.open(path, "w", format=fmt) as tf:
+            folder = tarfile.TarInfo("folder")
+            folder.type = tarfile.DIRTYPE
+            tf.addfile(folder)
+            for k, (name, payload) in enumerate(members + extra):
+                info = tarfile.TarInfo(name)
+                info.size = len(payload)
+                tf.addfile(info, io.BytesIO(payload))
+                if k == 1:
+                    link = tarfile.TarInfo("link.txt")
+                    link.type, link.linkname = tarfile.SYMTYPE, "short.txt"
+                    tf.addfile(link)
+        with tarfile.open(path) as tf:
+            want = [(m.name, m.offset_data, m.size,
+                     tf.extractfile(m).read() if m.name.endswith(".txt") else None)
+                    for m in tf.getmembers() if m.isfile()]
+        got, cut = data._tar_members(str(path))
+        assert got == want and not cut and len(got) == len(members + extra)
+        # cut in the middle of the third file's content: the two files before the cut are used
+        raw = path.read_bytes()
+        (tmp_path / "cut.tar").write_bytes(raw[:want[2][1] + 3])
+        got, cut = data._tar_members(str(tmp_path / "cut.tar"))
+        assert cut and got == want[:2]
+    pairs, report = data._index_shard(str(tmp_path / "cut.tar"))
+    assert pairs == [] and report == {"shards cut short (the members before the cut are used)": 1,
+                                      "images without a caption skipped": 1,  # d/k...k.jpg
+                                      "captions without an image skipped": 1}  # short.txt
+    write_corrupt(tmp_path / "junk.tar", n=3000)
+    assert data._index_shard(str(tmp_path / "junk.tar")) == ([], {"unreadable shards skipped (ReadError)": 1})
+
+
+def test_wds_files_touch_only_what_is_needed(tmp_path, monkeypatch):
+    """Extracted files, 40 pairs (val and test: 2 each): --max-samples picks the pairs before any caption is
+    read, and training images are not decoded at start beyond START_SAMPLE."""
+    root = tmp_path / "files"
+    for i in range(40):
+        write_jpeg(root / f"{i // 16:05d}" / f"{i:09d}.jpg", PALETTE[i % 12])
+        (root / f"{i // 16:05d}" / f"{i:09d}.txt").write_text(f"caption {i}")
+    read, decoded = [], []
+    read_captions, load = data._read_captions, data.FilePairSet._load
+    monkeypatch.setattr(data, "_read_captions", lambda paths: read.extend(paths) or read_captions(paths))
+    monkeypatch.setattr(data.FilePairSet, "_load", lambda self, ref: decoded.append(ref) or load(self, ref))
+    monkeypatch.setattr(data, "START_SAMPLE", 3)
+    splits = data.load_wds(dargs(data="wds", data_root=str(root), max_samples=5))
+    assert [len(splits[s]) for s in ("train", "val", "test")] == [5, 2, 2]
+    assert sorted(read) == sorted(os.path.splitext(r)[0] + ".txt" for s in splits.values() for r in s.refs)
+    assert splits["val"].captions == [["caption 36"], ["caption 37"]]
+    assert splits["test"].captions == [["caption 38"], ["caption 39"]]
+    train = splits["train"]
+    assert sorted(decoded) == sorted([train.refs[0], train.refs[2], train.refs[4]] + splits["val"].refs
+                                     + splits["test"].refs)
+    assert all(c == [f"caption {int(os.path.basename(r)[:9])}"] for r, c in zip(train.refs, train.captions))
+
+
+def test_holdout_sizes_and_eval_split_errors(tmp_path):
+    def table(n):
+        root = tmp_path / f"t{n}"
+        rows = ["filepath,title"] + [f"im/{i}.jpg,caption {i}" for i in range(n)]
+        for i in range(n):
+            write_jpeg(root / "im" / f"{i}.jpg", PALETTE[i % 12], size=8)
+        (root / "x.csv").write_text("\n".join(rows) + "\n")
+        return root
+    for n, sizes in ((45, [41, 2, 2]), (3, [1, 1, 1])):  # k = min(1000, max(1, n // 20))
+        splits = data.load_csv(dargs(data_root=str(table(n))))
+        assert [len(splits[s]) for s in ("train", "val", "test")] == sizes
+        got = [c for s in ("train", "val", "test") for c in splits[s].captions]
+        assert got == [[f"caption {i}"] for i in range(n)]
+    two = table(2)
+    assert set(data.load_csv(dargs(data_root=str(two)))) == {"train", "test"}
+    with pytest.raises(ValueError, match="no val split .*holdout of at least 3 rows.*--eval-split test"):
+        data.build_data(dargs(data="csv", data_root=str(two), eval_split="val"))
+    with pytest.raises(ValueError, match="--eval-split 'train': choose test or val"):
+        data.build_data(dargs(eval_split="train"))
+    albef = tmp_path / "albef"
+    write_albef(albef)
+    os.remove(albef / "coco_val.json")
+    with pytest.raises(ValueError, match=re.escape("*val*.json")):
+        data.build_eval_suite(dargs(data="albef", data_root=str(albef)), "val")
+
+
+def test_eval_split_val_synthetic():
+    args = dargs(eval_split="val", max_eval=300, probe_train=8, max_samples=20)
+    train, suite = data.build_data(args)
+    val, test = data.SynthPairSet("val", 1000, size=32), data.SynthPairSet("test", 1000, size=32)
+    assert len(train) == 20
+    assert suite.retrieval.name == "synthetic-val" and suite.retrieval.captions == val.captions[:300]
+    zs = suite.zeroshot
+    assert sorted(zs["object"].images.refs + zs["object_heldout"].images.refs) == val.refs[:300]
+    for p in suite.probes.values():  # weight decay chosen on even val images, reported on odd ones
+        assert p.val.refs == val.refs[0::2] and p.test.refs == val.refs[1:300:2]
+        assert p.train.captions == train.captions[:8]
+    again = data.build_eval_suite(args)
+    assert again.retrieval.captions == suite.retrieval.captions
+    assert again.probes["shape"].train.captions == train.captions[:8]
+    for s in (data.build_eval_suite(args, "test"), data.build_data(dargs(max_eval=300, max_samples=20))[1]):
+        assert s.retrieval.captions == test.captions[:300]
+        assert s.probes["colour"].val.refs == val.refs and s.probes["colour"].test.refs == test.refs[:300]
+
+
+def test_eval_split_val_karpathy_builds_only_what_is_asked(karpathy_dir, karpathy_spec, monkeypatch):
+    built = []
+    clean = data.clean_pairs
+    monkeypatch.setattr(data, "clean_pairs", lambda name, *a, **k: built.append(name) or clean(name, *a, **k))
+    root = str(karpathy_dir)
+    val = [os.path.join(root, s["filepath"], s["filename"]) for s in karpathy_spec if s["split"] == "val"]
+    train, suite = data.build_data(dargs(data="karpathy", data_root=root, eval_split="val"))
+    assert built == ["tiny-train", "tiny-val"] and suite.retrieval.refs == val and len(train) == 7
+    built.clear()
+    assert data.build_eval_suite(dargs(data="karpathy", data_root=root), "val").retrieval.refs == val
+    assert built == ["tiny-val"]
+    built.clear()
+    assert data.build_eval_suite(dargs(data="karpathy", data_root=root)).retrieval.name == "tiny-test"
+    assert built == ["tiny-test"]
+
+
+def test_folder_suite_val_split(tmp_path):
+    root = write_folder(tmp_path / "animals")
+    suite = data.folder_suite(str(root), dargs(eval_split="val"))
+    zs, probe = suite.zeroshot["animals"], suite.probes["animals"]
+    assert [os.path.basename(r) for r in zs.images.refs] == ["c3.jpg", "s3.png"]
+    assert [os.path.basename(r) for r in probe.val.refs] == ["c3.jpg"]
+    assert [os.path.basename(r) for r in probe.test.refs] == ["s3.png"]
+    assert len(probe.train) == 6

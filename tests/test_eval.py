@@ -291,6 +291,136 @@ def test_uniformity_subsample_is_deterministic():
 
 
 # ----------------------------------------------------------------------------------------------
+# ITM scoring and reranking (fusion models)
+# ----------------------------------------------------------------------------------------------
+class ToyFusion(ToyTwoTower):
+    """ToyTwoTower plus an ITM score unrelated to the ITC cosine: tanh of a bilinear form of the pixels and the
+    bag of words through its own random matrices. Counts the images its ITM encodes."""
+
+    def __init__(self, seed=0):
+        super().__init__(seed=seed)
+        g = torch.Generator().manual_seed(seed + 100)
+        self.register_buffer("pf", torch.randn(3 * 8 * 8, 5, generator=g))
+        self.register_buffer("tf", torch.randn(ToyTokenizer.vocab, 5, generator=g))
+        self.itm_images = 0
+
+    def _fuse(self, img_tokens, ids, mask):                                     # img_tokens (N, 1, 5)
+        bag = (F.one_hot(ids, len(self.tf)).float() * mask[..., None]).sum(1)     # (N, V)
+        return torch.tanh((img_tokens[:, 0] * (bag @ self.tf)).sum(1) / 10)
+
+    def itm_score(self, images, ids, mask):
+        self.itm_images += len(images)
+        return self._fuse((images.flatten(1) @ self.pf)[:, None], ids, mask)
+
+
+class ToyFusionSplit(ToyFusion):
+    """The same scores through the optional split: image_tokens once per image, itm_score_tokens per pair."""
+
+    def image_tokens(self, images):
+        self.itm_images += len(images)
+        return (images.flatten(1) @ self.pf)[:, None]                              # (N, 1, 5)
+
+    def itm_score_tokens(self, tokens, ids, mask):
+        return self._fuse(tokens, ids, mask)
+
+
+def score_alone(model, ps, tok, i, t):
+    """ITM score of one (image, caption) pair, fed alone: the image once, the caption tokenized alone."""
+    enc = tok([ps.texts[t]])
+    return model.itm_score(to_tensor(ps.load_image(i))[None], enc["input_ids"], enc["attention_mask"]).item()
+
+
+@pytest.mark.parametrize("model_cls", [ToyFusion, ToyFusionSplit])
+def test_itm_scores_match_pairs_scored_alone(model_cls):
+    ps, tok = FakePairSet("p", [1 + i % 3 for i in range(11)], {}), ToyTokenizer()
+    g = torch.Generator().manual_seed(1)
+    pairs = torch.stack([torch.randint(0, 11, (60,), generator=g), torch.randint(0, len(ps.texts), (60,),
+                                                                                   generator=g)], 1)
+    pairs = torch.unique(pairs, dim=0)[torch.randperm(len(torch.unique(pairs, dim=0)), generator=g)]  # unsorted
+    ref = torch.tensor([score_alone(ToyFusion(), ps, tok, i, t) for i, t in pairs.tolist()])
+    for batch_size, image_batch_size, workers in ((256, 64, 0), (7, 3, 0), (5, 2, 2)):
+        model = model_cls()
+        out = ev.itm_scores(model, ps, pairs, to_tensor, tok, "cpu", 16, batch_size=batch_size,
+                            image_batch_size=image_batch_size, num_workers=workers)
+        assert torch.allclose(out, ref, atol=1e-6), (batch_size, image_batch_size, workers)
+        n_images = len(set(pairs[:, 0].tolist()))
+        assert model.itm_images == (n_images if model_cls is ToyFusionSplit else len(pairs))   # each once
+
+
+def reranked_recall(sim, itm, positives, k, ks):
+    """R@r by brute force: candidate c of query q sorts by the key (0, -itm[q, c]) if c is among the k largest
+    sim[q] else (1, -sim[q, c]); the rank of q is the number of keys below its best positive's key."""
+    hits = dict.fromkeys(ks, 0)
+    for q in range(len(sim)):
+        top = set(sorted(range(sim.shape[1]), key=lambda c: -sim[q, c].item())[:k])
+        key = {c: (0, -itm[q, c].item()) if c in top else (1, -sim[q, c].item()) for c in range(sim.shape[1])}
+        best = min(key[c] for c in positives[q])
+        rank = sum(v < best for v in key.values())
+        for r in ks:
+            hits[r] += rank < r
+    return {r: 100.0 * h / len(sim) for r, h in hits.items()}
+
+
+@pytest.mark.parametrize("k", [1, 4, 100])
+def test_rerank_retrieval_matches_brute_force(k):
+    ps, tok = FakePairSet("p", [1 + i % 4 for i in range(13)], {}), ToyTokenizer()
+    n, m = len(ps), len(ps.texts)
+    img, txt = rand_unit(n, 6, 2), rand_unit(m, 6, 3)
+    itm = torch.tensor([[score_alone(ToyFusion(), ps, tok, i, t) for t in range(m)] for i in range(n)])  # (n, m)
+    t2i = ps.txt2img
+    ref_i2t = reranked_recall(img @ txt.T, itm, [[t for t in range(m) if t2i[t] == i] for i in range(n)], k,
+                              (1, 5, 10))
+    ref_t2i = reranked_recall(txt @ img.T, itm.T, [[t2i[t]] for t in range(m)], k, (1, 5, 10))
+    for model_cls, chunk in ((ToyFusion, 1024), (ToyFusionSplit, 1024), (ToyFusionSplit, 3)):
+        out = ev.rerank_retrieval(model_cls(), ps, img, txt, to_tensor, tok, "cpu", 16, k=k, chunk=chunk,
+                                  batch_size=8)
+        for r in (1, 5, 10):
+            assert out[f"i2t_R@{r}"] == pytest.approx(ref_i2t[r]), (model_cls, chunk, r)
+            assert out[f"t2i_R@{r}"] == pytest.approx(ref_t2i[r]), (model_cls, chunk, r)
+        assert out["rsum"] == pytest.approx(sum(ref_i2t.values()) + sum(ref_t2i.values()))
+    assert ref_i2t[1] != ev.retrieval_metrics(img, txt, t2i)["i2t_R@1"] or k == 1   # the reranking mattered
+
+
+def tiny_albef_model(split):
+    """A real ALBEF (albef_fusion.build_model) at tiny.TINY_ALBEF sizes; split=True adds image_tokens / itm_score_tokens
+    made of its own parts (the optional split of the ITM contract)."""
+    import albef_fusion as albef
+    import data
+    from tiny import TINY_ALBEF
+    args = data.parse_args(albef.Args, TINY_ALBEF)
+    tokenizer = data.build_tokenizer(args)
+    torch.manual_seed(0)
+    model = albef.build_model(args, tokenizer).eval()
+    if split:
+        model.image_tokens = model.visual                                            # (N, 1+P, Wv)
+
+        def itm_score_tokens(tokens, ids, mask):
+            h = model.bert.fuse(model.bert.encode_text(ids, mask), mask, tokens)
+            logits = model.itm_head(h[:, 0])
+            return logits[:, 1] - logits[:, 0]
+        model.itm_score_tokens = itm_score_tokens
+    return model, tokenizer, data.eval_transform(args.image_size), data.SynthPairSet("test", 9, size=args.image_size)
+
+
+def test_itm_scores_real_albef_pairs_alone_and_split():
+    model, tok, transform, ps = tiny_albef_model(split=False)
+    pairs = torch.tensor([(i, t) for i in range(len(ps)) for t in range(0, len(ps.texts), 4)])   # (P, 2)
+    with torch.no_grad():
+        ref = torch.cat([model.itm_score(transform(ps.load_image(i))[None], **_tok1(tok, ps.texts[t]))
+                         for i, t in pairs.tolist()])
+    got = ev.itm_scores(model, ps, pairs, transform, tok, "cpu", 32, batch_size=16, image_batch_size=4)
+    assert torch.allclose(got, ref, atol=1e-5)
+    split, *_ = tiny_albef_model(split=True)
+    got_split = ev.itm_scores(split, ps, pairs, transform, tok, "cpu", 32, batch_size=16, image_batch_size=4)
+    assert torch.allclose(got_split, ref, atol=1e-5)
+
+
+def _tok1(tok, text):
+    enc = tok([text], padding=True, truncation=True, max_length=32, return_tensors="pt")
+    return {"input_ids": enc["input_ids"], "attention_mask": enc["attention_mask"]}
+
+
+# ----------------------------------------------------------------------------------------------
 # evaluate() and the table
 # ----------------------------------------------------------------------------------------------
 def test_evaluate_keys_values_and_caching():
@@ -327,6 +457,74 @@ def test_evaluate_without_indep_reports_z_only():
     assert not any("z+zi" in k for k in out) and "probe/color/z/acc" in out
 
 
+class NaNImages(ToyModel):
+    """A diverged model: the image features of images whose first pixel is brighter than 0.5 are NaN."""
+
+    def encode_image(self, images):
+        f = super().encode_image(images)
+        return torch.where(images[:, :1, 0, 0] > 0.5, float("nan"), f)
+
+
+def test_evaluate_refuses_non_finite_features():
+    suite = fake_suite()
+    n_bad = sum(to_tensor(suite.retrieval.load_image(i))[0, 0, 0].item() > 0.5 for i in range(16))
+    assert 0 < n_bad < 16
+    with pytest.raises(ValueError, match=rf"encode_image of the 16 images of 'fake': {n_bad} of 16 feature rows "
+                                         rf"are not finite .*diverged"):
+        ev.evaluate(NaNImages(), ToyTokenizer(), suite, to_tensor, "cpu", max_len=16)
+
+    class NaNTexts(ToyModel):
+        def encode_text(self, ids, mask):
+            return torch.full((len(ids), 6), float("inf"))
+    m = len(suite.retrieval.texts)
+    with pytest.raises(ValueError, match=rf"encode_text of the {m} captions of 'fake': {m} of {m} .* not finite"):
+        ev.evaluate(NaNTexts(), ToyTokenizer(), suite, to_tensor, "cpu", max_len=16)
+
+
+# ----------------------------------------------------------------------------------------------
+# validate(): the cheap periodic metrics
+# ----------------------------------------------------------------------------------------------
+def test_validate_equals_evaluate_on_shared_keys_and_states_its_score():
+    suite = fake_suite()
+    suite.zeroshot["parity"] = SimpleNamespace(classnames=["even", "odd"], templates=["{}"], images=suite.probes[
+        "color"].test, target="shape")                               # a second label set on other images
+    full = ev.evaluate(ToyModel(), ToyTokenizer(), suite, to_tensor, "cpu", max_len=16)
+    model = ToyModel()
+    val = ev.validate(model, ToyTokenizer(), suite, to_tensor, "cpu", 16)
+    expected = ["retrieval/i2t_R@1", "retrieval/t2i_R@1", "retrieval/rsum", "zeroshot/color/top1",
+                "zeroshot/parity/top1"]
+    assert sorted(val) == sorted(["val/" + k for k in expected] + ["val/score"])
+    for k in expected:
+        assert val["val/" + k] == full[k], k
+    zs = (full["zeroshot/color/top1"] + full["zeroshot/parity/top1"]) / 2
+    assert val["val/score"] == pytest.approx((zs + full["retrieval/rsum"] / 6) / 2)
+    assert model.n_images == 16 + len(suite.probes["color"].test)      # each image set encoded once
+
+
+def test_validate_caps_images_and_restores_mode():
+    suite = fake_suite(n=15)
+    model = ToyModel()
+    model.train()
+    val = ev.validate(model, ToyTokenizer(), suite, to_tensor, "cpu", 16, max_images=7)
+    assert model.training
+    head = suite.retrieval.subset(range(7))                              # the first 7 images, their captions
+    small = SimpleNamespace(retrieval=head, probes={}, zeroshot={"color": SimpleNamespace(
+        **{**vars(suite.zeroshot["color"]), "images": head})})
+    ref = ev.evaluate(ToyModel(), ToyTokenizer(), small, to_tensor, "cpu", max_len=16)
+    assert val["val/retrieval/rsum"] == ref["retrieval/rsum"] and val["val/zeroshot/color/top1"] == \
+        ref["zeroshot/color/top1"]
+    assert model.n_images == 7
+    model.eval()
+    ev.validate(model, ToyTokenizer(), suite, to_tensor, "cpu", 16)
+    assert not model.training
+    only_zs = ev.validate(ToyModel(), ToyTokenizer(), SimpleNamespace(retrieval=None, zeroshot=suite.zeroshot,
+                                                                      probes={}), to_tensor, "cpu", 16)
+    assert only_zs["val/score"] == only_zs["val/zeroshot/color/top1"]
+    with pytest.raises(ValueError, match="neither a retrieval set nor a zero-shot"):
+        ev.validate(ToyModel(), ToyTokenizer(), SimpleNamespace(retrieval=None, zeroshot={}, probes={}),
+                    to_tensor, "cpu", 16)
+
+
 def test_comparison_table():
     a = {"retrieval/i2t_R@1": 12.345, "retrieval/rsum": 300.0, "zeroshot/color/top1": 50.0,
          "zeroshot/color/top3": 90.0, "probe/color/z/acc": 80.0, "probe/color/z/best_wd": 0.01,
@@ -344,17 +542,43 @@ def test_comparison_table():
 # ----------------------------------------------------------------------------------------------
 # Plots
 # ----------------------------------------------------------------------------------------------
+def training_log(with_val):
+    """log.jsonl rows as a method script writes them: loss == loss_con (L_con is the whole loss), a second
+    term, 1/τ, lr; with_val: a 'val/...' row every 4 steps."""
+    rows = [{"step": s, "loss": 2 / s, "loss_con": 2 / s, "loss_v2t": 1 / s, "logit_scale": 14 + s, "lr": 1e-3 / s,
+             "samples_per_s": 100.0} for s in range(1, 9)]
+    if with_val:
+        rows += [{"step": s, "val/retrieval/i2t_R@1": 10.0 * s, "val/retrieval/rsum": 60.0 * s,
+                  "val/zeroshot/shape/top1": 5.0 * s, "val/score": 7.0 * s} for s in (4, 8)]
+    return rows
+
+
+def test_curve_panels():
+    assert ev.curve_panels(training_log(False)) == [("losses", ["loss", "loss_v2t"]), ("temperature", ["logit_scale"]),
+                                                    ("learning rate", ["lr"])]   # loss_con == loss: left out
+    panels = dict(ev.curve_panels(training_log(True)))
+    assert panels["validation"] == ["val/retrieval/i2t_R@1", "val/retrieval/rsum", "val/score",
+                                    "val/zeroshot/shape/top1"]
+    rows = training_log(False)
+    rows[3]["loss_con"] = 0.0                                             # differs at one step: a term of its own
+    assert dict(ev.curve_panels(rows))["losses"] == ["loss", "loss_con", "loss_v2t"]
+    assert ev.curve_panels([{"step": 1, "samples_per_s": 3.0}]) == []
+
+
 def test_plots_write_png(tmp_path):
     pytest.importorskip("matplotlib")
     img, txt, t2i = rand_unit(10, 4, 0), rand_unit(20, 4, 1), [i // 2 for i in range(20)]
     ev.plot_embeddings(img, txt, t2i, tmp_path / "e.png", "toy")
     ev.plot_embeddings_grid({"a": (img, txt, t2i), "b": (txt[:10], img, list(range(10)))}, tmp_path / "g.png")
-    log = tmp_path / "log.jsonl"
-    log.write_text("\n".join(json.dumps({"step": s, "loss": 1 / s, "loss_v2t": 2 / s, "lr": 0.1}) for s in
-                             range(1, 6)))
-    ev.plot_curves(log, tmp_path / "c.png")
-    for name in ("e.png", "g.png", "c.png"):
+    for with_val in (False, True):
+        log = tmp_path / f"log{with_val}.jsonl"
+        log.write_text("\n".join(json.dumps(r) for r in training_log(with_val)))
+        ev.plot_curves(log, tmp_path / f"c{with_val}.png")
+    for name in ("e.png", "g.png", "cFalse.png", "cTrue.png"):
         assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    log.write_text(json.dumps({"step": 1, "samples_per_s": 3.0}))
+    with pytest.raises(ValueError, match="no loss"):
+        ev.plot_curves(log, tmp_path / "none.png")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -366,6 +590,8 @@ class FakeDataArgs:
     max_samples: int = 0
     image_size: int = 8
     max_len: int = 16
+    eval_split: str = "test"
+    num_workers: int = 0
 
 
 @dataclasses.dataclass
@@ -375,7 +601,8 @@ class FakeArgs(FakeDataArgs):
 
 @pytest.fixture
 def fake_project(monkeypatch, tmp_path):
-    """A run folder written by the fake script 'toyscript', and a fake `data` module recording its calls."""
+    """A run folder written by a fake method script (a toy model under the name clip_base), and a fake `data`
+    module recording its calls."""
     calls = []
 
     def add_dataclass_args(parser, cls, defaults=True):
@@ -384,7 +611,7 @@ def fake_project(monkeypatch, tmp_path):
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(f.default),
                                 default=f.default if defaults else argparse.SUPPRESS)
 
-    def build_eval_suite(args):
+    def build_eval_suite(args, split=None):
         calls.append(args)
         return fake_suite(n=args.max_samples or 12)
 
@@ -393,11 +620,11 @@ def fake_project(monkeypatch, tmp_path):
                                  build_eval_suite=build_eval_suite, folder_suite=None)
     script = types.SimpleNamespace(Args=FakeArgs, build_model=lambda args, tok: ToyModel(seed=args.seed + 1))
     monkeypatch.setitem(sys.modules, "data", data)
-    monkeypatch.setitem(sys.modules, "toyscript", script)
+    monkeypatch.setitem(sys.modules, "clip_base", script)
     run = tmp_path / "toy-run"
     run.mkdir()
     torch.save({"model": ToyModel(seed=0).state_dict(), "args": dataclasses.asdict(FakeArgs()),
-                "script": "toyscript", "step": 3}, run / "checkpoint.pt")
+                "script": "clip_base", "step": 3}, run / "checkpoint.pt")
     (run / "log.jsonl").write_text(json.dumps({"step": 1, "loss": 2.0}) + "\n" + json.dumps({"step": 2, "loss": 1.0}))
     return run, calls
 
@@ -419,12 +646,19 @@ def test_load_run_prefers_the_saved_tokenizer(fake_project):
     assert tok(["zebra"])["input_ids"] == [[2, 5, 3]]
 
 
-def test_load_run_clear_errors(fake_project, tmp_path):
+def test_load_run_clear_errors(fake_project, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
         ev.load_run(tmp_path / "nowhere", "cpu")
     run, _ = fake_project
-    torch.save({"model": {}, "args": {}, "script": "no_such_method_script", "step": 0}, run / "checkpoint.pt")
-    with pytest.raises(ModuleNotFoundError, match="no_such_method_script.py"):
+    monkeypatch.setitem(sys.modules, "sep", None)                        # a method script that cannot be imported
+    torch.save({"model": {}, "args": {}, "script": "sep", "step": 0}, run / "checkpoint.pt")
+    with pytest.raises(ModuleNotFoundError, match="written by sep.py, expected next to eval.py"):
+        ev.load_run(run, "cpu")
+    torch.save({"model": {}, "args": {"seed": 0, "no_such_flag": 1}, "script": "clip_base"}, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match=r"\['no_such_flag'\] are not flags of the current clip_base.py"):
+        ev.load_run(run, "cpu")
+    torch.save({"args": {}, "script": "clip_base"}, run / "checkpoint.pt")
+    with pytest.raises(ValueError, match="no model dict"):
         ev.load_run(run, "cpu")
 
 
@@ -449,3 +683,20 @@ def _has_matplotlib():
         return True
     except ImportError:
         return False
+
+
+def test_cli_eval_split_val_flows_to_the_suite_and_its_own_file(fake_project, capsys):
+    run, calls = fake_project
+    ev.main([str(run), "--device", "cpu", "--eval-split", "val", "--save"])
+    assert calls[-1].eval_split == "val"
+    assert (run / "metrics_eval_val.json").is_file() and not (run / "metrics_eval.json").exists()
+    assert json.loads((run / "metrics_eval_val.json").read_text())["eval_split"] == "val"
+    assert capsys.readouterr().out.strip().splitlines()[2].startswith("| toy-run [val] | ")
+    ev.main([str(run), "--device", "cpu", "--save"])
+    assert calls[-1].eval_split == "test" and (run / "metrics_eval.json").is_file()
+
+
+def test_real_cli_has_the_eval_split_flag():
+    opts = ev.build_parser().parse_args(["run", "--eval-split", "val"])   # the real data.DataArgs flags
+    assert opts.eval_split == "val"
+    assert not hasattr(ev.build_parser().parse_args(["run"]), "eval_split")   # not given: the run's own value

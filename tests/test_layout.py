@@ -1,4 +1,4 @@
-"""The layout rules of DESIGN §2: every method script imports from the project only data.py and eval.py, and
+"""The layout rules: every method script imports from the project only data.py and eval.py, and
 `diff BASE.py METHOD.py` shows the method and little else (a small diff that removes almost nothing)."""
 import ast
 import difflib
@@ -10,8 +10,8 @@ from tiny import ROOT
 
 SCRIPTS = ["clip_base", "sep", "bridge", "geocons", "albef_fusion", "codis"]
 # (base, method): (most changed lines, most removed base lines, most lines in the method file)
-DIFFS = {("clip_base", "sep"): (150, 8, 520), ("clip_base", "bridge"): (150, 8, 520),
-         ("clip_base", "geocons"): (150, 8, 520), ("albef_fusion", "codis"): (200, 16, 1000)}
+DIFFS = {("clip_base", "sep"): (150, 8, 600), ("clip_base", "bridge"): (150, 8, 600),
+         ("clip_base", "geocons"): (150, 8, 600), ("albef_fusion", "codis"): (200, 20, 1150)}
 
 
 def lines(name):

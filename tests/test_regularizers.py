@@ -1,5 +1,5 @@
 """sep.py, bridge.py, geocons.py: each loss against loops or a closed form (float64), gradients, the layout
-rules of DESIGN §2 (imports, diff against clip_base.py), and per script a smoke run plus eval.py on it."""
+layout rules (imports, diff against clip_base.py), and per script a smoke run plus eval.py on it."""
 import math
 import os
 
@@ -23,6 +23,7 @@ def dot(u, v):
 
 
 # ------------------------------------------------------------------ sep.py: L_ortho, L_con^i, L_uni^i
+@pytest.mark.method
 def test_loss_ortho_matches_loop_and_its_extremes():
     zv, zv_i, zt, zt_i = (unit(6, 5, seed=s) for s in (1, 2, 3, 4))
     loop = sum(dot(zv[j], zv_i[j]) ** 2 + dot(zt[j], zt_i[j]) ** 2 for j in range(6)) / 6
@@ -35,6 +36,7 @@ def test_loss_ortho_matches_loop_and_its_extremes():
     assert sep.loss_ortho(zv, zv_i, zt, zt_i).item() < 2.0
 
 
+@pytest.mark.method
 def test_loss_con_i_matches_loop():
     zv_i, zv_ai, zt_i, zt_ai = (unit(7, 5, seed=s) for s in (5, 6, 7, 8))
     loop = nce_loop(zv_i, zv_ai, TAU) + nce_loop(zt_i, zt_ai, TAU)
@@ -48,6 +50,7 @@ def uni_loop(z, t=2.0):
     return math.log(total / (n * (n - 1)))
 
 
+@pytest.mark.method
 def test_loss_uni_matches_loop_one_log_per_modality():
     zv_i, zt_i = unit(6, 4, seed=9), unit(6, 4, seed=10)
     for t in (2.0, 0.5):
@@ -75,13 +78,14 @@ def bridge_closed_form(zv_a, zv, zt, t):
     return sum(vals) / len(vals)
 
 
-def slide_printed(zv_a, zv, zt, t):
-    """The slide's expanded line: (t⟨z_V,z_V^a⟩ + (1−t)⟨z_V^a,z_T⟩) / (t² + (1−t)² + 2t(1−t)⟨z_V,z_T⟩)."""
+def printed_form(zv_a, zv, zt, t):
+    """The paper's expanded line as printed: (t⟨z_V,z_V^a⟩ + (1−t)⟨z_V^a,z_T⟩) / (t² + (1−t)² + 2t(1−t)⟨z_V,z_T⟩)."""
     num = t * (zv * zv_a).sum(-1) + (1 - t) * (zv_a * zt).sum(-1)
     return (num / (t ** 2 + (1 - t) ** 2 + 2 * t * (1 - t) * (zv * zt).sum(-1))).mean().item()
 
 
 @pytest.mark.parametrize("t", [0.25, 0.7, "per-pair"])
+@pytest.mark.method
 def test_loss_bridge_is_the_squared_distance_and_matches_the_closed_form(t):
     zv_a, zv, zt = unit(8, 5, seed=12), unit(8, 5, seed=13), unit(8, 5, seed=14)
     if t == "per-pair":
@@ -97,8 +101,9 @@ def test_loss_bridge_is_the_squared_distance_and_matches_the_closed_form(t):
     assert bridge.loss_bridge(mu, zv, zt, t).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_slide_expression_has_the_wrong_monotonicity():
-    """Move z^a away from μ along a great circle: L_Br grows, the slide's printed line shrinks."""
+@pytest.mark.method
+def test_printed_expression_has_the_wrong_monotonicity():
+    """Move z^a away from μ along a great circle: L_Br grows, the paper's printed line shrinks."""
     zv, zt, w = unit(1, 5, seed=15), unit(1, 5, seed=16), unit(1, 5, seed=17)
     t = 0.25
     mu = F.normalize(t * zv + (1 - t) * zt, dim=-1)
@@ -108,13 +113,14 @@ def test_slide_expression_has_the_wrong_monotonicity():
     for a in angles:
         zv_a = torch.cos(a) * mu + torch.sin(a) * w
         ours.append(bridge.loss_bridge(zv_a, zv, zt, t).item())
-        printed.append(slide_printed(zv_a, zv, zt, t))
+        printed.append(printed_form(zv_a, zv, zt, t))
     assert ours[0] == pytest.approx(0.0, abs=1e-6) and ours[-1] == pytest.approx(4.0, abs=1e-5)
     assert all(b > a for a, b in zip(ours, ours[1:]))
     assert all(b < a for a, b in zip(printed, printed[1:]))  # minimizing it pushes z^a to −μ
 
 
 # ------------------------------------------------------------------ geocons.py: L_GC, L_GC^a
+@pytest.mark.method
 def test_loss_gc_matches_loops():
     zv, zt, n = unit(5, 4, seed=18), unit(5, 4, seed=19), 5
     loop = sum((dot(zv[j], zt[k]) - dot(zv[k], zt[j])) ** 2 + (dot(zv[j], zv[k]) - dot(zt[j], zt[k])) ** 2
@@ -124,6 +130,7 @@ def test_loss_gc_matches_loops():
     assert geocons.loss_gc(zv, zv).item() == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.method
 def test_loss_gc_grows_with_the_batch_like_cyclip():
     """1/N Σ_j Σ_k = N · mean over the N² pairs (CyCLIP's `.square().mean() * batch_size`)."""
     zv, zt = unit(64, 8, seed=20), unit(64, 8, seed=21)
@@ -133,11 +140,12 @@ def test_loss_gc_grows_with_the_batch_like_cyclip():
     assert geocons.loss_gc(zv, zt).item() > 3 * geocons.loss_gc(zv[:16], zt[:16]).item()
 
 
+@pytest.mark.method
 def test_loss_gc_aug_matches_loops():
     zv, zt, zv_a, zt_a, n = unit(5, 4, seed=22), unit(5, 4, seed=23), unit(5, 4, seed=24), unit(5, 4, seed=25), 5
     pairs = sum((dot(zv[j], zv[k]) - dot(zv_a[j], zv_a[k])) ** 2 + (dot(zt[j], zt[k]) - dot(zt_a[j], zt_a[k])) ** 2
                 for j in range(n) for k in range(n)) / n
-    # the last term read as ⟨z_Vj, z_Tj⟩ (the slide's ⟨z_Tj, z_Tj⟩ = 1 would be a constant)
+    # the last term read as ⟨z_Vj, z_Tj⟩ (the printed ⟨z_Tj, z_Tj⟩ = 1 would be a constant)
     matched = sum((dot(zv[j], zt[j]) - dot(zv_a[j], zt_a[j])) ** 2 for j in range(n)) / n
     assert geocons.loss_gc_aug(zv, zt, zv_a, zt_a).item() == pytest.approx(pairs + matched, rel=1e-5)
     assert geocons.loss_gc_aug(zv, zt, zv, zt).item() == pytest.approx(0.0, abs=1e-6)
@@ -160,6 +168,7 @@ LOSSES = {
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
+@pytest.mark.method
 def test_gradients_are_finite(name):
     fn, n_inputs = LOSSES[name]
     raw = [torch.randn(6, 5, generator=torch.Generator().manual_seed(30 + i), requires_grad=True)
@@ -190,6 +199,7 @@ TINY_MODEL = dict(cnn_width=4, text_width=16, text_layers=1, embed_dim=8)
     ("bridge", {"bridge_random_t": True}, lambda t, a: t["con"] + a.bridge_weight * t["bridge"]),
     ("geocons", {}, lambda t, a: t["con"] + a.gc_weight * (t["gc"] + t["gc_a"])),
 ])
+@pytest.mark.method
 def test_compute_losses_adds_the_method_terms(method, extra, total):
     mod = METHODS[method]
     args = mod.Args(**TINY_MODEL, **extra)

@@ -54,7 +54,7 @@ def run_dir_of(out):
 
 def smoke_run(script, argv, out, finite_keys=("loss",)):
     """`python script argv` in a subprocess, as a user runs it (6 steps, a log line every 2): the outputs of
-    DESIGN §3 exist and every logged `finite_keys` value is finite. Returns (run folder, log rows, metrics)."""
+    a run writes exist and every logged `finite_keys` value is finite. Returns (run folder, log rows, metrics)."""
     subprocess.run([sys.executable, script, *argv], cwd=ROOT, check=True, timeout=300, env=ONE_THREAD)
     run = run_dir_of(out)
     for name in ("args.json", "log.jsonl", "checkpoint.pt", "metrics.json", "tokenizer"):
@@ -86,8 +86,8 @@ def resume_is_exact(main, argv_of, tmp_path):
     assert not os.path.exists(os.path.join(stopped, "metrics.json"))
     resumed = main(["--resume", os.path.join(stopped, "checkpoint.pt")])
     assert resumed == stopped
-    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=False)
-    b = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=False)
+    a = torch.load(os.path.join(straight, "checkpoint.pt"), weights_only=True)
+    b = torch.load(os.path.join(resumed, "checkpoint.pt"), weights_only=True)
     assert a["step"] == b["step"] == 6
     for k, v in a["model"].items():
         assert torch.equal(v, b["model"][k]), k
