@@ -32,7 +32,9 @@ import ast
 import atexit
 import colorsys
 import csv
+import contextlib
 import dataclasses
+import gc
 import glob
 import inspect
 import io
@@ -567,7 +569,8 @@ def _count(report: Counter, key: str, n: int):
 START_SAMPLE = 32  # training images decoded at start without --verify-images (evenly spaced)
 
 
-def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers=8, report=None, sample=None):
+def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers=8, report=None, sample=None,
+                listed=False):
     """Build a FilePairSet, dropping empty captions, missing and unreadable images; report counts once.
 
     Always, without decoding anything: captions empty after stripping are dropped, images left without a
@@ -578,6 +581,7 @@ def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers
     decoded now (an unreadable one is dropped; all of them unreadable is an error, see `_require_images`),
     the others when a batch first needs them (`TrainPairs` substitutes and counts any that fail then).
     `report`: counts the caller already made (e.g. a caption file without its image), merged in.
+    listed=True: the refs were just found by listing their folders, so the missing-file check is skipped.
     """
     report = Counter(report or {})
     keep_caps = []
@@ -588,7 +592,7 @@ def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers
     ps = FilePairSet(name, refs, keep_caps, labels, draft=draft or 64)
     todo = [i for i in range(len(ps)) if ps.captions[i]]
     _count(report, "images without a caption skipped", len(ps) - len(todo))
-    found = _existing([ps.refs[i] for i in todo], workers)
+    found = [True] * len(todo) if listed else _existing([ps.refs[i] for i in todo], workers)
     _count(report, "missing images skipped", found.count(False))
     todo = [i for i, ok in zip(todo, found) if ok]
     n_sample = START_SAMPLE if sample is None else sample
@@ -635,7 +639,8 @@ def _spread(n, k):
 def _existing(refs, workers=8) -> list:
     """Whether each image ref exists: one directory listing per folder instead of one `stat` per file.
     (tar, offset, size) refs were read from their shard's headers, so they exist."""
-    paths = [os.path.split(os.fspath(r)) if isinstance(r, (str, os.PathLike)) else None for r in refs]
+    split = os.path.split if os.altsep else lambda p: p.rpartition(os.sep)[::2]  # rpartition: faster
+    paths = [split(os.fspath(r)) if isinstance(r, (str, os.PathLike)) else None for r in refs]
     folders = sorted({p[0] for p in paths if p is not None})
 
     def listing(d):
@@ -690,14 +695,14 @@ VAL_SOURCES = {"karpathy": 'images with "split": "val" in the Karpathy JSON',
                "wds": "a holdout of at least 3 image-caption pairs", "csv": "a holdout of at least 3 rows"}
 
 
-def _finish(kind, name, raw, args, splits, report=None, read=None):
+def _finish(kind, name, raw, args, splits, report=None, read=None, listed=False):
     """FilePairSets of the asked `splits` of raw {split: [(image ref, captions)]}.
 
     --max-samples picks the training subset and --max-eval caps the evaluation splits before any file is
     touched (`read`, if given, turns the chosen items' caption sources into caption lists). Training images
     get the checks that need no decoding (all of them decoded too with --verify-images), evaluation images
     are decoded now (the evaluation has no substitute for an unreadable image). `report`: indexing counts,
-    reported with the training split.
+    reported with the training split; listed: see `clean_pairs`.
     """
     out = {}
     for split in splits:
@@ -714,7 +719,7 @@ def _finish(kind, name, raw, args, splits, report=None, read=None):
         caps = [c for _, c in items] if read is None else read([c for _, c in items])
         out[split] = clean_pairs(f"{name}-{split}", refs, caps, draft=2 * args.image_size,
                                  verify=split != "train" or args.verify_images,
-                                 report=report if split == "train" else None)
+                                 report=report if split == "train" else None, listed=listed)
         if split == "train":
             _require_images(kind, out[split], refs)
     return out
@@ -725,15 +730,18 @@ def load_karpathy(args, splits=SPLITS):
     path = _find_ann(args, "karpathy", ["dataset_*.json", "*.json"])
     with open(path) as f:
         images = json.load(f)["images"]
-    raw = {}
+    raw, folders = {}, {}
     # dataset_flickr30k.json / dataset_flickr8k.json name no folder: find the one that holds the images
-    default_dir = next((d for d in ("", "flickr30k-images", "Flicker8k_Dataset", "Flickr8k_Dataset", "images")
+    folders_tried = ("", "flickr30k-images", "Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
+    default_dir = next((d for d in folders_tried
                         if images and os.path.exists(os.path.join(args.data_root, d, images[0]["filename"]))), "")
     for im in images:
         split = "train" if im["split"] == "restval" else im["split"]
-        rel = os.path.join(im.get("filepath", default_dir), im["filename"])
+        folder = im.get("filepath", default_dir)
+        if folder not in folders:  # DATA_ROOT/filepath/ once per folder (os.path.join per image is slow)
+            folders[folder] = os.path.join(args.data_root, folder, "")
         caps = [s["raw"] for s in im["sentences"]]
-        raw.setdefault(split, []).append((os.path.join(args.data_root, rel), caps))
+        raw.setdefault(split, []).append((folders[folder] + im["filename"], caps))
     name = os.path.splitext(os.path.basename(path))[0].replace("dataset_", "")
     return _finish("karpathy", name, raw, args, splits)
 
@@ -783,24 +791,27 @@ class _NotPlainTar(Exception):
 
 
 _TAR_FILE_TYPES, _TAR_SKIP_TYPES = (b"0", b"\0", b"7"), (b"1", b"2", b"3", b"4", b"5", b"6", b"K", b"g")
+_TAR_ZERO_BLOCK, _TAR_READ = bytes(512), 4096
 
 
 def _tar_members(path):
     """([(name, data offset, size, content if .txt else None)] of the regular files of an uncompressed tar,
     whether the file is cut short (the members before the cut are returned)).
 
-    Reads only the 512-byte headers (one `pread` each; a small .txt member comes with its header's read),
-    never the images. Handles ustar prefixes, GNU long names and pax path/size records; raises _NotPlainTar
-    for anything else (the caller then uses `tarfile`).
+    Reads the 512-byte headers, not the images: one 4 KiB `pread` at a header, which also holds the
+    next headers and small members (captions) when they are near. Handles ustar prefixes, GNU long names
+    and pax path/size records; raises _NotPlainTar for anything else (the caller then uses `tarfile`).
     """
     out, long_name, pax = [], None, {}
     fd = os.open(path, os.O_RDONLY)
     try:
         end, off, cut = os.fstat(fd).st_size, 0, False
+        buf, buf_off = b"", 0
         while off + 512 <= end:
-            buf = os.pread(fd, 2048, off)
-            head, data = buf[:512], off + 512
-            if head == bytes(512):
+            if off + 512 > buf_off + len(buf):
+                buf, buf_off = os.pread(fd, _TAR_READ, off), off
+            head, data = buf[off - buf_off:off - buf_off + 512], off + 512
+            if head == _TAR_ZERO_BLOCK:
                 break  # end-of-archive marker
             if head[257:262] != b"ustar":
                 raise _NotPlainTar(path)
@@ -814,16 +825,16 @@ def _tar_members(path):
                 cut = True
                 break
             if kind == b"L":
-                long_name = _tar_payload(fd, buf, data, size).split(b"\0", 1)[0]
+                long_name = _tar_payload(fd, buf, buf_off, data, size).split(b"\0", 1)[0]
             elif kind == b"x":
-                pax = _pax_records(_tar_payload(fd, buf, data, size))
+                pax = _pax_records(_tar_payload(fd, buf, buf_off, data, size))
             elif kind in _TAR_FILE_TYPES:
                 name = head[:100].split(b"\0", 1)[0]
                 prefix = head[345:500].split(b"\0", 1)[0]
                 name = long_name or (pax["path"].encode("utf-8", "surrogateescape") if "path" in pax
                                      else prefix + b"/" + name if prefix else name)
                 out.append((name.decode("utf-8", "surrogateescape"), data, size,
-                            _tar_payload(fd, buf, data, size) if name.endswith(b".txt") else None))
+                            _tar_payload(fd, buf, buf_off, data, size) if name.endswith(b".txt") else None))
                 long_name, pax = None, {}
             elif kind in _TAR_SKIP_TYPES:  # links, devices, folders; a GNU long link name; global pax records
                 if kind not in (b"K", b"g"):
@@ -838,9 +849,11 @@ def _tar_members(path):
     return out, cut
 
 
-def _tar_payload(fd, buf, data, size) -> bytes:
-    """A member's content: from the header's read when it fits there, else one more `pread`."""
-    return buf[512:512 + size] if size <= len(buf) - 512 else os.pread(fd, size, data)
+def _tar_payload(fd, buf, buf_off, data, size) -> bytes:
+    """A member's content (at `data`): from the last read when it holds it, else one more `pread`."""
+    if data + size <= buf_off + len(buf):
+        return buf[data - buf_off:data - buf_off + size]
+    return os.pread(fd, size, data)
 
 
 def _pax_records(block: bytes) -> dict:
@@ -876,17 +889,23 @@ def _index_shard(shard):
               file=sys.stderr)
     groups = {}
     for name, offset, size, text in members:
-        key, ext = os.path.splitext(name)
-        groups.setdefault(key, {})[ext.lower()] = (offset, size, text)
+        dot = name.rfind(".")  # os.path.splitext's split, without its cost per member
+        key, ext = (name[:dot], name[dot:].lower()) if dot > name.rfind("/") + 1 else (name, "")
+        g = groups.get(key)
+        if g is None:
+            g = groups[key] = {}
+        g[ext] = (offset, size, text)
     pairs = []
     for key in sorted(groups):
         g = groups[key]
-        img = next((g[e] for e in IMAGE_EXTS if e in g), None)
-        if img is not None and ".txt" in g:
-            pairs.append(((shard, img[0], img[1]), _read_text(g[".txt"][2])))
+        img, txt = g.get(".jpg"), g.get(".txt")
+        if img is None:
+            img = next((g[e] for e in IMAGE_EXTS if e in g), None)
+        if img is not None and txt is not None:
+            pairs.append(((shard, img[0], img[1]), _read_text(txt[2])))
         elif img is not None:
             report["images without a caption skipped"] += 1
-        elif ".txt" in g:
+        elif txt is not None:
             report["captions without an image skipped"] += 1
     return pairs, report
 
@@ -898,20 +917,20 @@ def _index_folder(root):
     shards, pairs, report = [], [], Counter()
     for folder, subdirs, files in os.walk(root):
         subdirs[:] = [d for d in subdirs if not d.startswith(".")]
-        stems = {}
+        stems, prefix = {}, os.path.join(folder, "")
         for f in files:
-            stem, ext = os.path.splitext(f)
-            ext = ext.lower()
-            if f.startswith("."):
+            stem, dot, ext = f.rpartition(".")
+            if f.startswith(".") or not dot:
                 continue
+            ext = "." + ext.lower()
             if ext == ".tar":
-                shards.append(os.path.join(folder, f))
+                shards.append(prefix + f)
             elif ext == ".txt" or ext in IMAGE_EXTS:
                 stems.setdefault(stem, {})[ext] = f
         for g in stems.values():
             img = next((g[e] for e in IMAGE_EXTS if e in g), None)
             if img and ".txt" in g:
-                pairs.append((os.path.join(folder, g[".txt"]), os.path.join(folder, img)))
+                pairs.append((prefix + g[".txt"], prefix + img))
             elif img:
                 report["images without a caption skipped"] += len(g)
             else:
@@ -919,24 +938,27 @@ def _index_folder(root):
     return sorted(shards), sorted(pairs), report
 
 
-def _read_captions(paths, workers=8) -> list:
-    """[[caption]] of each text file (a file that cannot be read gives an empty caption, counted as such)."""
-    def read(chunk):
-        out = []
-        for p in chunk:
+def _read_caption_files(paths) -> list:
+    """The stripped text of each file ("" for a file that cannot be read)."""
+    out = []
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
             try:
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
-                finally:
-                    os.close(fd)
-            except OSError:
-                data = b""
-            out.append([_read_text(data)])
-        return out
-    chunks = [paths[i:i + 4096] for i in range(0, len(paths), 4096)]
-    with ThreadPoolExecutor(workers) as pool:
-        return [c for part in pool.map(read, chunks) for c in part]
+                data = b"".join(iter(lambda: os.read(fd, 1 << 16), b""))
+            finally:
+                os.close(fd)
+        except OSError:
+            data = b""
+        out.append(_read_text(data))
+    return out
+
+
+def _read_captions(paths) -> list:
+    """[[caption]] of each text file, in parallel over the cores (a file that cannot be read gives an empty
+    caption, counted as such)."""
+    chunks = [paths[i:i + 8192] for i in range(0, len(paths), 8192)]
+    return [[c] for part in _parallel_map(_read_caption_files, chunks, _cores()) for c in part]
 
 
 def load_wds(args, splits=SPLITS):
@@ -958,7 +980,7 @@ def load_wds(args, splits=SPLITS):
         refs, caps, read = [img for _, img in pairs], [txt for txt, _ in pairs], _read_captions
     if not refs:
         raise missing("wds", f"image/caption pairs ({{key}}.jpg + {{key}}.txt, or .tar shards) under {root!r} were")
-    return _holdout_split("wds", refs, caps, args, splits, report=report, read=read)
+    return _holdout_split("wds", refs, caps, args, splits, report=report, read=read, listed=not shards)
 
 
 def load_csv(args, splits=SPLITS):
@@ -990,7 +1012,7 @@ def load_csv(args, splits=SPLITS):
     return _holdout_split("csv", refs, list(grouped.values()), args, splits, report=report)
 
 
-def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=None, read=None):
+def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=None, read=None, listed=False):
     """For sources without splits, in the loader's order: the last k = min(1000, 5%) pairs (at least 1) are
     the test split, the k before them the val split (none for fewer than 3 pairs), the rest is train."""
     n = len(refs)
@@ -998,7 +1020,7 @@ def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=No
     v = k if n >= 2 * k + 1 else 0
     items = list(zip(refs, caps))
     raw = {"train": items[:n - k - v], "val": items[n - k - v:n - k], "test": items[n - k:]}
-    return _finish(kind, kind, raw, args, splits, report=report, read=read)
+    return _finish(kind, kind, raw, args, splits, report=report, read=read, listed=listed)
 
 
 LOADERS = {"karpathy": load_karpathy, "albef": load_albef, "wds": load_wds, "csv": load_csv}
@@ -1090,8 +1112,28 @@ def check_eval_split(split: str) -> str:
     return split
 
 
+@contextlib.contextmanager
+def _gc_paused():
+    """Python's cyclic garbage collector paused while the (cycle-free) lists of refs and captions are built,
+    and those frozen afterwards: it would otherwise scan the millions of new objects over and over
+    (measured: 11 s -> 5 s for a million Karpathy pairs), and a forked loader worker's collector would
+    touch, so copy, every page that holds them."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        if enabled:
+            gc.enable()
+
+
 def _build(args, split, with_train):
-    split = check_eval_split(split)
+    with _gc_paused():
+        return _build_splits(args, check_eval_split(split), with_train)
+
+
+def _build_splits(args, split, with_train):
     if args.data == "synthetic":
         train, suite = synthetic_suite(args, split, with_train)
     elif args.data in LOADERS:
@@ -1233,9 +1275,12 @@ def to_device(batch: dict, device, channels_last: bool = False) -> tuple:
     return out, skipped
 
 
-# EDA (Wei & Zou, 2019) with a small built-in synonym table instead of WordNet: each group is a
-# set of interchangeable words. Words that carry the benchmark's labels are absent on purpose
-# except where a true synonym exists, so augmentation never changes what a caption says.
+# EDA (Wei & Zou, EMNLP 2019, arXiv:1901.11196) with a small built-in synonym table instead of WordNet: each
+# group is a set of interchangeable words. Words that carry the benchmark's labels are absent on purpose except
+# where a true synonym exists, so synonym replacement keeps a caption's labels. The other operations can change
+# what a caption says: a swap or an insertion can move an attribute word to the other side of the relation word
+# ("a red circle left of a blue square" -> "a blue circle left of a red square") and a deletion can drop one.
+# The augmented caption is a noisy view of the caption, not a paraphrase.
 EDA_SYNONYMS = [["photo", "picture", "image"], ["small", "little"], ["large", "big"], ["tiny", "minute"],
                 ["object", "thing"], ["circle", "disc"], ["square", "box"], ["cross", "plus"],
                 ["bar", "rod"], ["crescent", "moon"], ["ring", "hoop"], ["red", "scarlet"], ["cyan", "turquoise"],
@@ -1252,8 +1297,8 @@ def eda(text: str, rng: random.Random, alpha: float = 0.1, n_ops: int = 1) -> st
     """Easy Data Augmentation: synonym replacement, random insertion, random swap, random deletion.
 
     alpha is the fraction of words changed per operation (at least one); one operation is drawn per
-    call. Spatial words are never swapped or deleted (they carry the relation), and a caption is never
-    emptied.
+    call. Spatial words are never swapped or deleted (they stay in place), but the words around them can move,
+    so a view may pair an attribute with the other object; a caption is never emptied.
     """
     words = text.split()
     if len(words) < 2:

@@ -21,9 +21,17 @@ model at its defaults (32 px, batch 128, `--num-workers 1`): interpreter start +
 (indexing and checks), `build_tokenizer` (the `auto` vocabulary from the training captions), building the model
 and optimizer, the first batch from `train_loader`, and one training step. It is measured in-process (the same
 calls, in the same order, as the script's main()) rather than as `python clip_base.py`, which would also run
-the final evaluation. "old" is data.py as committed in git HEAD (`git show HEAD:data.py`), imported from a
-temporary file as a separate module; "new" is the working tree's data.py. The generated data is deleted at
-the end (`--keep` keeps it).
+the final evaluation. "old" is data.py as of commit 677adcd (`git show 677adcd:data.py`: every image decoded
+at start, `tarfile` and `glob` indexing, float32 workers), imported from a temporary file as a separate
+module; "new" is the working tree's data.py. The generated data is deleted at the end (`--keep` keeps it).
+Every file is read once (untimed) before a size's measurements, so old and new start from a warm page cache.
+
+`loader` saves --n-files synthetic renders as 256-px JPEGs under --work and measures `train_loader`'s pairs/s
+at 224 px (two views, as the two-tower scripts load them), old and new, from those files and from the
+synthetic generator, for each of --workers; the timed batches come after the prefetch queue has drained once
+(the steady state). It also prints the bytes of a two-view batch of 256 (uint8 vs float32), the host memory
+in flight with 8 workers, the old start-up check's cost per image, and `to_device`'s cost on the CPU.
+`estimate` prints the pairs/s a ResNet-50 + BERT-base step would consume on an H100 (arithmetic, no run).
 """
 import argparse
 import io
@@ -32,7 +40,6 @@ import json
 import os
 import random
 import shutil
-import statistics
 import subprocess
 import sys
 import tarfile
@@ -116,9 +123,17 @@ def generate(out, n, seed=0):
 
 
 # ============================== launch to first step (one child process per measurement) ==================
-def _import_old_data():
-    """data.py as committed in git HEAD, imported from a temporary file as the module `data_old`."""
-    src = subprocess.run(["git", "show", "HEAD:data.py"], cwd=ROOT, check=True, capture_output=True, text=True).stdout
+OLD_REV = "677adcd"  # the last commit before the lazy checks, the parallel index and the uint8 workers
+
+
+def _import_old_data(path=""):
+    """The old data.py (the file `path`, default: as committed in OLD_REV), imported as the module `data_old`."""
+    if path:
+        with open(path) as f:
+            src = f.read()
+    else:
+        src = subprocess.run(["git", "show", f"{OLD_REV}:data.py"], cwd=ROOT, check=True, capture_output=True,
+                             text=True).stdout
     path = os.path.join(tempfile.mkdtemp(prefix="data_old_"), "data_old.py")
     with open(path, "w") as f:
         f.write(src)
@@ -127,11 +142,11 @@ def _import_old_data():
     return data_old
 
 
-def first_step(impl, layout, root):
+def first_step(impl, layout, root, old_data=""):
     """In this fresh process: clip_base's start-up calls, in main()'s order, timed one by one (JSON on stdout)."""
     t = {"imports": time.perf_counter()}
     import torch
-    D = _import_old_data() if impl == "old" else __import__("data")
+    D = _import_old_data(old_data) if impl == "old" else __import__("data")
     import clip_base
     args = clip_base.Args(**LAYOUTS[layout](root), num_workers=1)  # the old default; the new auto on 2 cores
     torch.manual_seed(args.seed)
@@ -162,17 +177,29 @@ def first_step(impl, layout, root):
     os._exit(0)  # the measurement is over: no wait for the loader's worker to be torn down
 
 
-def measure(impl, layout, root, timeout):
+def measure(impl, layout, root, timeout, old_data=""):
     """Spawn `first_step` and time launch -> first optimizer step done (the parent's clock at spawn)."""
     t0 = time.time()
-    p = subprocess.run([sys.executable, os.path.abspath(__file__), "_first-step", impl, layout, root], cwd=ROOT,
-                       capture_output=True, text=True, timeout=timeout)
+    p = subprocess.run([sys.executable, os.path.abspath(__file__), "_first-step", impl, layout, root,
+                        "--old-data", old_data], cwd=ROOT, capture_output=True, text=True, timeout=timeout)
     line = next((ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")), None)
     if p.returncode or line is None:
         raise RuntimeError(f"{impl} {layout} {root}: exit {p.returncode}\n{p.stderr[-3000:]}")
     r = json.loads(line[7:])
     r["launch_to_step"] = r["done"] - t0
     return r
+
+
+def warm(root):
+    """Read every file under root once (untimed), so that old and new code both start from a warm page cache."""
+    n, size = 0, 0
+    for folder, _, files in os.walk(root):
+        for f in files:
+            with open(os.path.join(folder, f), "rb") as fh:
+                while chunk := fh.read(1 << 20):
+                    size += len(chunk)
+            n += 1
+    return n, size
 
 
 def startup(a):
@@ -188,11 +215,15 @@ def startup(a):
             t = time.perf_counter()
             generate(root, n)
             print(f"# generated {n} pairs in {time.perf_counter() - t:.0f} s under {root}", flush=True)
+        t = time.perf_counter()
+        files, size = warm(root)
+        print(f"# read {files} files ({size / 2**30:.1f} GiB) once to warm the page cache: "
+              f"{time.perf_counter() - t:.0f} s", flush=True)
         for layout in LAYOUTS:
             for impl in ("old", "new"):
                 if impl == "old" and n > old_max:
                     continue
-                r = measure(impl, layout, root, a.timeout)
+                r = measure(impl, layout, root, a.timeout, a.old_data)
                 rows.append(dict(n=n, layout=layout, impl=impl, **r))
                 print(json.dumps(rows[-1]), flush=True)
         if not a.keep:
@@ -201,11 +232,15 @@ def startup(a):
 
 
 def startup_table(rows):
-    head = ("| pairs | layout | code | launch → first step (s) | build_data (s) | tokenizer (s) | first batch (s) | "
-            "imports (s) | training pairs |\n| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |")
-    lines = [f"| {r['n']:,} | {r['layout']} | {r['impl']} | {r['launch_to_step']:.1f} | {r['build_data']:.1f} | "
-             f"{r['build_tokenizer']:.1f} | {r['first_batch']:.1f} | {r['launch_to_imports'] + r['imports']:.1f} | "
-             f"{r['n_train']:,} |" for r in rows]
+    """Markdown: launch -> first step and its phases; 'start' = interpreter start and imports (torch, data,
+    clip_base), 'step' = to_device (new) or the plain copy (old) + one forward/backward/optimizer step."""
+    head = ("| pairs | layout | data.py | launch → first step (s) | start | build_data | tokenizer | model | "
+            "first batch | step | training pairs |\n| ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | "
+            "---: | ---: |")
+    lines = [f"| {r['n']:,} | {r['layout']} | {r['impl']} | **{r['launch_to_step']:.1f}** | "
+             f"{r['launch_to_step'] - sum(r[k] for k in ('build_data', 'build_tokenizer', 'model', 'first_batch', 'step')):.1f} | "
+             f"{r['build_data']:.1f} | {r['build_tokenizer']:.1f} | {r['model']:.1f} | {r['first_batch']:.1f} | "
+             f"{r['step']:.1f} | {r['n_train']:,} |" for r in rows]
     return "\n".join([head] + lines)
 
 
@@ -215,7 +250,8 @@ def loader_bench(a):
     from the synthetic generator, for each worker count; the bytes of one batch of 256, uint8 vs float32."""
     import torch
     import data
-    old = _import_old_data()
+    torch.set_num_threads(1)  # as in the workers (PyTorch sets it there): no OpenMP spinning in the main process
+    old = _import_old_data(a.old_data)
     tok = data.word_tokenizer(data.synth_vocabulary())
     work = os.path.join(a.work, "jpeg224")
     os.makedirs(work, exist_ok=True)
@@ -227,32 +263,37 @@ def loader_bench(a):
             synth.load_image(i).save(path, quality=90)
         refs.append(path)
     files = data.clean_pairs("jpeg224", refs, synth.captions, verify=False)
-    files_old = old.clean_pairs("jpeg224", refs, synth.captions, verify=False)
+    t = time.perf_counter()
+    files_old = old.clean_pairs("jpeg224", refs, synth.captions, verify=True)  # the old start-up decode pass
+    check_ms = (time.perf_counter() - t) / len(refs) * 1e3
     print(f"# {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {os.cpu_count()} CPUs, "
           f"load {os.getloadavg()[0]:.1f}; {a.n_files} 256-px JPEGs "
           f"({sum(os.path.getsize(r) for r in refs) / len(refs) / 1024:.1f} KiB each)", flush=True)
+    print(f"the old start-up check (decode every image, 8 threads, draft at 64 px): {check_ms:.2f} ms per image")
 
     args = data.DataArgs(image_size=224, num_workers=0)
     item = data.TrainPairs(files, 224)[(0, 0, 0)]
     per_pair_u8 = item["image"].nbytes + item["image_aug"].nbytes
-    print(f"bytes per two-view batch of 256 at 224 px: uint8 {256 * per_pair_u8 / 2**20:.1f} MiB, "
-          f"float32 {4 * 256 * per_pair_u8 / 2**20:.1f} MiB")
+    mib = 256 * per_pair_u8 / 2**20
+    print(f"bytes per two-view batch of 256 at 224 px: uint8 {mib:.1f} MiB, float32 {4 * mib:.1f} MiB; "
+          f"in flight with 8 workers: new (uint8, prefetch 2) {8 * 2 * mib / 1024:.2f} GiB, "
+          f"old (float32, prefetch 4) {8 * 4 * 4 * mib / 1024:.2f} GiB (each plus one pinned copy on CUDA)")
     rows = []
     sources = [("JPEG files", files, files_old, a.batches), ("synthetic generator", data.SynthPairSet(
         "train", 4096, size=224), old.SynthPairSet("train", 4096, size=224), a.synth_batches)]
     for name, ps, ps_old, n_batches in sources:
         for workers in [int(w) for w in a.workers.split(",")]:
-            for impl, mod, pairs in (("new (uint8)", data, ps), ("old (float32)", old, ps_old)):
+            for impl, mod, pairs, prefetch in (("new (uint8)", data, ps, 2), ("old (float32)", old, ps_old, 4)):
                 args = mod.DataArgs(image_size=224, num_workers=workers)
                 loader = mod.train_loader(pairs, tok, args, a.batch_size, seed=0)
                 it = iter(loader)
-                for _ in range(max(1, workers)):  # warm-up: every worker has started and delivered once
+                # warm-up: the batches prefetched while the workers start, and one more round, so that the
+                # timed batches are produced while timed (the steady state), not taken from a full queue
+                for _ in range(max(1, workers * prefetch + workers)):
                     next(it)
                 t = time.perf_counter()
                 for _ in range(n_batches):
-                    b = next(it)
-                    if impl.startswith("new"):
-                        b = data.to_device(b, "cpu")[0]  # on a GPU this part runs on the device
+                    next(it)
                 dt = time.perf_counter() - t
                 if hasattr(loader, "close"):
                     loader.close()
@@ -262,6 +303,13 @@ def loader_bench(a):
     print("| source | workers | pipeline | pairs/s |\n| --- | ---: | --- | ---: |")
     for name, w, impl, v in rows:
         print(f"| {name} | {w} | {impl} | {v:.1f} |")
+    big = {k: v.repeat(16, *[1] * (v.ndim - 1)) if v.ndim else v for k, v in
+           next(iter(data.train_loader(files, tok, data.DataArgs(image_size=224, num_workers=0), 16, 0))).items()}
+    t = time.perf_counter()
+    for _ in range(3):
+        data.to_device(big, "cpu")
+    print(f"to_device on the CPU (one thread), batch of 256 two-view pairs at 224 px: "
+          f"{(time.perf_counter() - t) / 3 * 1e3:.0f} ms (on a GPU: the copy, then the same on the device)")
 
 
 def estimate():
@@ -289,18 +337,21 @@ def main(argv=None):
     s.add_argument("--old-max", type=int, default=0, help="largest N the old code is measured at (0 = all)")
     s.add_argument("--timeout", type=int, default=3600, help="seconds per measurement")
     s.add_argument("--keep", action="store_true", help="keep the generated datasets")
+    s.add_argument("--old-data", default="", help=f"the old data.py (default: git show {OLD_REV}:data.py)")
     ld = sub.add_parser("loader", help="train_loader pairs/s at 224 px, bytes per batch")
     ld.add_argument("--work", default="/tmp/bench_data")
     ld.add_argument("--n-files", type=int, default=512)
     ld.add_argument("--batch-size", type=int, default=32)
-    ld.add_argument("--batches", type=int, default=8)
-    ld.add_argument("--synth-batches", type=int, default=2)
+    ld.add_argument("--batches", type=int, default=8, help="timed batches (JPEG files)")
+    ld.add_argument("--synth-batches", type=int, default=4, help="timed batches (synthetic generator)")
     ld.add_argument("--workers", default="0,1,2")
+    ld.add_argument("--old-data", default="", help=f"the old data.py (default: git show {OLD_REV}:data.py)")
     sub.add_parser("estimate", help="pairs/s a GPU training step would consume (an estimate)")
     c = sub.add_parser("_first-step")
     c.add_argument("impl", choices=["old", "new"])
     c.add_argument("layout", choices=list(LAYOUTS))
     c.add_argument("root")
+    c.add_argument("--old-data", default="")
     a = p.parse_args(argv)
     if a.cmd == "generate":
         t = time.perf_counter()
@@ -313,7 +364,7 @@ def main(argv=None):
     elif a.cmd == "estimate":
         estimate()
     else:
-        first_step(a.impl, a.layout, a.root)
+        first_step(a.impl, a.layout, a.root, a.old_data)
 
 
 if __name__ == "__main__":

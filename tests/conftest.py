@@ -1,6 +1,6 @@
 """Shared test helpers: tiny image writers and a small Karpathy-layout dataset in tmp_path.
 
-Everything here is written by the tests themselves (never the real data in /work/shared/data).
+Everything here is written by the tests themselves (never a real dataset).
 
 Helpers (plain functions, also reachable through the `imgs` fixture):
     write_jpeg / write_png / write_gray_jpeg / write_cmyk_jpeg / write_rgba_png

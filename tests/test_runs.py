@@ -158,3 +158,19 @@ def test_rng_state_holds_plain_values_and_no_gpu_list(script, tmp_path):
     torch.manual_seed(0)
     script.set_rng_state(back, torch.device("cpu"))
     assert torch.equal(torch.get_rng_state(), s["torch"])
+
+
+# ------------------------------------------------------------------ periodic validation (--eval-every)
+def test_eval_every_logs_validation_metrics_of_the_model_at_that_step(tmp_path):
+    """val/... rows at steps 3 and 6; the step-6 row equals ev.validate of the saved final model on the
+    validation split, recomputed from the checkpoint."""
+    import data
+    run = clip_base.main(tiny_args(tmp_path, "--steps", 6, "--eval-every", 3))
+    rows = [json.loads(line) for line in open(os.path.join(run, "log.jsonl"))]
+    val = [r for r in rows if "val/score" in r]
+    assert [r["step"] for r in val] == [3, 6]
+    model, tokenizer, args, _ = ev.load_run(run, torch.device("cpu"))
+    again = ev.validate(model, tokenizer, data.build_eval_suite(args, "val"), data.eval_transform(args.image_size),
+                        torch.device("cpu"), args.max_len)
+    for k, v in again.items():
+        assert val[-1][k] == pytest.approx(v, abs=1e-6), k
