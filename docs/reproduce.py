@@ -8,6 +8,8 @@
     python docs/reproduce.py codis-ablation            # codebook size, plan features, intra terms (seed 1)
     python docs/reproduce.py ablation-table            # its table, beside ALBEF and CODIS at their defaults
     python docs/reproduce.py codebook RUN_DIR          # docs/codebook.png from a CODIS run (e.g. python codis.py)
+    python docs/reproduce.py gc-sweep                  # geocons' λ on the validation split (3 seeds each)
+    python docs/reproduce.py sweep-table runs/results/gc_sweep               # its table
     python docs/reproduce.py tables runs/results/synthetic                   # print the Markdown tables
     python docs/reproduce.py figures runs/results/synthetic                  # docs/latent_structure.png, curves
 
@@ -38,8 +40,12 @@ CODIS_ABLATION = {"CODIS, K = 32": ("codis.py", ["--exp-name", "codis_k32", "--c
                   "CODIS, no i2i/t2t": ("codis.py", ["--exp-name", "codis_nointra", "--no-intra"]),
                   "CODIS, no codebook (λ_code = 0)": ("codis.py", ["--exp-name", "codis_nocode", "--code-weight", "0"]),
                   "CODIS, λ_code = 1 (the paper's sum)": ("codis.py", ["--exp-name", "codis_cw1", "--code-weight", "1"])}
+# geometric consistency's weight chosen on the validation split: the L_con baseline (λ = 0) and six λ
+GC_WEIGHTS = ["0.0025", "0.01", "0.025", "0.05", "0.1", "0.25"]
+GC_SWEEP = {"L_con baseline (λ = 0)": ("clip_base.py", ["--exp-name", "lcon"]),
+            **{f"OURS_GC, λ = {w}": ("geocons.py", ["--exp-name", f"gc{w}", "--gc-weight", w]) for w in GC_WEIGHTS}}
 LABELS = {extra[extra.index("--exp-name") + 1]: label
-          for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION}.items()}
+          for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION, **GC_SWEEP}.items()}
 FLICKR = ["--data", "karpathy", "--image-size", "64", "--epochs", "5"]
 FLICKR_FUSION = [*FLICKR, "--vit-patch", "16", "--itm-k", "16"]  # 64 px / 16 = 4×4 tokens, as 32 px / 8 on the
 # synthetic data; the top 16 reranked by ITM
@@ -86,6 +92,22 @@ def table(groups, title, columns, digits=1):
         cells = [cell([r[k] for r in runs if k in r], 0 if k == "train/seconds" else digits) for _, k in columns]
         lines.append(f"| {names.get(exp, exp)} | {len(runs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def selection_score(m):
+    """The validation score weights are chosen by, fixed before the sweep: the mean of (mean zero-shot top-1
+    over the label sets, retrieval rsum / 6), in percent (eval.validate's val/score on the whole split)."""
+    top1 = [v for k, v in m.items() if k.startswith("zeroshot/") and k.endswith("/top1")]
+    return (sum(top1) / len(top1) + m["retrieval/rsum"] / 6) / 2
+
+
+def sweep_table(folder):
+    """The selection score and its parts, a row per weight, mean ± std over seeds (validation split)."""
+    groups = {e: [dict(r, score=selection_score(r)) for r in runs] for e, runs in load(folder).items()}
+    return table(groups, "Validation split: selection score and its parts (%)",
+                 [("score", "score"), ("shape top1", "zeroshot/shape/top1"), ("colour top1", "zeroshot/colour/top1"),
+                  ("object top1", "zeroshot/object/top1"), ("held-out top1", "zeroshot/object_heldout/top1"),
+                  ("rsum", "retrieval/rsum"), ("modality gap", "structure/modality_gap")], digits=2)
 
 
 def tables(folder):
@@ -232,7 +254,7 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "fusion", "fusion-flickr8k",
                                     "codis-ablation", "codebook", "theorem1-table", "ablation-table", "tables",
-                                    "figures"])
+                                    "figures", "gc-sweep", "sweep-table"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     p.add_argument("--data-root", default="", help="flickr8k experiments: the Flickr8k folder (docs/real_data.md)")
@@ -255,6 +277,11 @@ def main():
         experiment("fusion-flickr8k", [*FLICKR_FUSION, "--data-root", a.data_root], a.seeds[:1], FUSION)
     elif a.what == "codis-ablation":
         experiment("codis-ablation", [], a.seeds[:1], CODIS_ABLATION)
+    elif a.what == "gc-sweep":
+        experiment("gc_sweep", ["--eval-split", "val"], a.seeds, GC_SWEEP)
+        print(sweep_table(os.path.join(ROOT, "runs", "results", "gc_sweep")))
+    elif a.what == "sweep-table":
+        print(sweep_table(a.folder))
     elif a.what == "theorem1-table":
         print(theorem1_table())
     elif a.what == "ablation-table":
