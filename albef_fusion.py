@@ -396,6 +396,7 @@ def compute_losses(model, batch, args, alpha):
 
     # ---- ITC against [momentum batch ; queue], with momentum distillation
     terms = {}
+    # L_itc = ½ [ H(y^i2t, p^i2t) + H(y^t2i, p^t2i) ]                 s_i2t, s_t2i (N, N+M)
     terms["itc"], s_i2t, s_t2i = loss_itc(z_v, z_t, z_v_m, z_t_m, model.image_queue, model.text_queue,
                                           model.temp,
                                           alpha)
@@ -408,6 +409,7 @@ def compute_losses(model, batch, args, alpha):
     with torch.no_grad():
         h_m = model.bert_m.fuse(model.bert_m.encode_text(masked_ids, mask), mask, v_m)
         logits_m = model.bert_m.mlm_logits(h_m)                         # (N, L, V)
+    # L_mlm = (1 − α)·H(y^msk, p^msk(I, T̂)) + α·H(p^msk_m(I, T̂), p^msk(I, T̂))     at the masked tokens
     terms["mlm"] = loss_mlm(model.bert.mlm_logits(h), logits_m, labels, alpha)
 
     # ---- ITM with hard negatives: N positive pairs, N (text, hard negative image), N (hard negative text,
@@ -416,6 +418,7 @@ def compute_losses(model, batch, args, alpha):
     neg_text, neg_image = hard_negatives(s_i2t[:, :n], s_t2i[:, :n], same)
     h_itm = model.bert.fuse(torch.cat([w, w, w[neg_text]]), torch.cat([mask, mask, mask[neg_text]]),
                             torch.cat([v, v[neg_image], v]))           # (3N, L, W)
+    # L_itm = H(y^itm, p^itm(I, T)) over the 3N pairs, labels (1, 0, 0)          logits (3N, 2)
     terms["itm"] = loss_itm(model.itm_head(h_itm[:, 0]), n)
 
     # ---- after the loss: the momentum features replace the oldest queue entries
