@@ -26,7 +26,8 @@ z leaves out (the modality-specific information of Theorem 1): orthogonal to z, 
     L_con^i  = NCE(z_V^i, z_V^{a,i}) + NCE(z_T^i, z_T^{a,i})       (z^{a,i}: the augmented view's z^i)
     L_uni^i  = log mean_{j≠k} G_t(z_Vj^i, z_Vk^i) + log mean_{j≠k} G_t(z_Tj^i, z_Tk^i)
                G_t(u, v) = exp(−t‖u − v‖²), t = 2 (Wang & Isola's uniformity, one log per modality)
-    L_Sep    = L_ortho + L_con^i + L_uni^i          L = L_con + w·L_Sep    (w = --sep-weight)
+    L_Sep    = L_ortho + c·L_con^i + L_uni^i        L = L_con + w·L_Sep    (w = --sep-weight,
+                                                              c = --sep-con-weight; ours: 0.1, 1; paper: 1, 1)
 
 Readings of the printed formulas: (1) L_V2V^i prints the numerator ⟨z_Vj^i, z_Vj^i⟩ = 1; we read it as the
 two views ⟨z_Vj^i, z_Vj^{a,i}⟩ (as printed, the numerator is a constant and the term cannot ask for meaning);
@@ -123,8 +124,11 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """dimension of the shared embedding z"""
     plain_clip: bool = False
     """drop the intra-modal terms: L = ½(L_V2T + L_T2V), plain CLIP"""
-    sep_weight: float = 1.0
-    """w in L = L_con + w·L_Sep (1: the paper gives no weight, so the plain sum L_con + L_Sep)"""
+    sep_weight: float = 0.1
+    """w in L = L_con + w·L_Sep (0.1: chosen on the validation split, docs/results.md; the paper gives no
+    weight, i.e. the plain sum L_con + L_Sep: --sep-weight 1)"""
+    sep_con_weight: float = 1.0
+    """c in L_Sep = L_ortho + c·L_con^i + L_uni^i (1: the paper's plain sum)"""
 
 
 # ============================== the model (the method's parts) ===============================
@@ -237,10 +241,10 @@ def compute_losses(model, batch, args):
         terms["con_i"] = loss_con_i(f["v_i"], f_a["v_i"], f["t_i"], f_a["t_i"], model.logit_scale)
         # L_uni^i = log mean_{j≠k} G_t(z_Vj^i, z_Vk^i) + log mean_{j≠k} G_t(z_Tj^i, z_Tk^i)
         terms["uni"] = loss_uni(f["v_i"], f["t_i"])
-    # L_Sep = L_ortho + L_con^i + L_uni^i
-    terms["sep"] = terms["ortho"] + terms["con_i"] + terms["uni"]
-    # L = L_con + w·L_Sep. Note the weights: L_con^i counts each of its two NCE directions with weight w = 1,
-    # L_con each of its four with ¼, so most of the temperature's gradient comes from z^i, not from z.
+    # L_Sep = L_ortho + c·L_con^i + L_uni^i
+    terms["sep"] = terms["ortho"] + args.sep_con_weight * terms["con_i"] + terms["uni"]
+    # L = L_con + w·L_Sep. Note the weights: L_con^i counts each of its two NCE directions with weight w·c,
+    # L_con each of its four with ¼: at the paper's w·c = 1 most of the temperature's gradient comes from z^i.
     terms["loss"] = terms["con"] + args.sep_weight * terms["sep"]
     return terms
 

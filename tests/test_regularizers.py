@@ -194,7 +194,9 @@ TINY_MODEL = dict(cnn_width=4, text_width=16, text_layers=1, embed_dim=8)
 
 
 @pytest.mark.parametrize("method,extra,total", [
-    ("sep", {}, lambda t, a: t["con"] + a.sep_weight * (t["ortho"] + t["con_i"] + t["uni"])),
+    ("sep", {"sep_weight": 1.0, "sep_con_weight": 1.0}, lambda t, a: t["con"] + t["ortho"] + t["con_i"] + t["uni"]),
+    ("sep", {"sep_weight": 0.3, "sep_con_weight": 0.1},
+     lambda t, a: t["con"] + 0.3 * (t["ortho"] + 0.1 * t["con_i"] + t["uni"])),
     ("bridge", {}, lambda t, a: t["con"] + a.bridge_weight * t["bridge"]),
     ("bridge", {"bridge_random_t": True}, lambda t, a: t["con"] + a.bridge_weight * t["bridge"]),
     ("geocons", {}, lambda t, a: t["con"] + a.gc_weight * (t["gc"] + t["gc_a"])),
@@ -211,7 +213,8 @@ def test_compute_losses_adds_the_method_terms(method, extra, total):
     assert terms["loss"].item() == pytest.approx(total(terms, args).item(), rel=1e-6)
     assert all(torch.isfinite(v) for v in terms.values())
     if method == "sep":
-        assert terms["sep"].item() == pytest.approx((terms["ortho"] + terms["con_i"] + terms["uni"]).item())
+        c = extra["sep_con_weight"]
+        assert terms["sep"].item() == pytest.approx((terms["ortho"] + c * terms["con_i"] + terms["uni"]).item())
         zi = model.encode_image_indep(batch["image"])
         assert zi.shape == (4, 8) and torch.allclose(zi.norm(dim=-1), torch.ones(4), atol=1e-5)
         assert not torch.allclose(zi, model.encode_image(batch["image"]))  # a second head, not the first
