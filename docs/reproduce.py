@@ -14,9 +14,10 @@
     python docs/reproduce.py sweep-table runs/results/sweep --sweep sep      # a sweep's table and selection
     python docs/reproduce.py selected                  # the selected weights on the test split, seeds 4-6
     python docs/reproduce.py budget                    # 450 and 1,800 steps, 5 methods x 3 seeds
-    python docs/reproduce.py budget-figure             # docs/budget.png from those runs
+    python docs/reproduce.py budget-table              # their score table; budget-figure: docs/budget.png
     python docs/reproduce.py transfer --data-root DIR --classify-root CIFAR_DIR [--text minilm]
                                                        # train on Flickr8k, zero-shot + probe on CIFAR-10
+    python docs/reproduce.py transfer-table            # its table again, from runs/results/transfer
     python docs/reproduce.py claims [--write]          # the papers' claims against every setting above
     python docs/reproduce.py tables runs/results/synthetic                   # print the Markdown tables
     python docs/reproduce.py figures runs/results/synthetic                  # docs/latent_structure.png, curves
@@ -276,6 +277,7 @@ CLAIM_SETTINGS = [("synthetic, 450 steps, papers' weights", "synthetic", "", "sy
                   ("synthetic, 1,800 steps, validated weights", "budget", "_s1800", "budget"),
                   ("Flickr8k → CIFAR-10, text from scratch", "transfer", "_scratch", "transfer ... --text scratch"),
                   ("Flickr8k → CIFAR-10, pretrained text", "transfer", "_minilm", "transfer ... --text minilm")]
+CLAIM_SEEDS = 3  # a cell waits until each compared method has this many seeds
 CLAIM_METHODS = {"CLIP": "clip_plain", "L_con": "clip_base", "Sep": "sep", "Br": "bridge", "GC": "geocons"}
 SYNTHETIC_IMAGE_ATTRIBUTES = ("shape", "colour", "texture")  # the probes on image features (material: text)
 
@@ -352,7 +354,7 @@ def claims_table(results=os.path.join(ROOT, "runs", "results"), only=None):
             runs = {k: [v for r in loaded[folder].get(exp + suffix, []) for v in [metric(r)] if v is not None]
                     for k, exp in CLAIM_METHODS.items()}
             rivals = [k for k in CLAIM_METHODS if k != method] if against == "best" else against
-            if not runs[method] or not all(runs[k] for k in rivals):
+            if min(len(runs[k]) for k in [method, *rivals]) < CLAIM_SEEDS:  # a verdict needs every seed
                 row.append(f"pending (`{command}`)" if metric is not texture_probe or folder != "transfer"
                            else "n/a")
                 continue
@@ -433,8 +435,31 @@ def transfer(data_root, classify_root, text, seeds):
     experiment("transfer", [*FLICKR, *common], seeds, two_tower, show=False)
     experiment("transfer", [*FLICKR_FUSION, *common, *(["--text-layers", "3"] if extra else [])], seeds, fusion,
                show=False)
-    names = labels_of({**two_tower, **fusion})
-    return tables(os.path.join(ROOT, "runs", "results", "transfer"), {**names, **LABELS})
+    return transfer_table(os.path.join(ROOT, "runs", "results", "transfer"))
+
+
+TRANSFER_NAMES = {flags[flags.index("--exp-name") + 1] + f"_{text}": f"{label}, {text} text"
+                  for text in ("scratch", "minilm")
+                  for label, (_, flags) in {"CLIP (2-term)": METHODS["CLIP (2-term)"], **VALIDATED, **FUSION}.items()}
+
+
+def transfer_table(folder):
+    """The transfer runs: zero-shot top-1/3/5 and the linear probe on the photo classes (whatever the
+    ImageFolder is called), Flickr8k retrieval and the modality gap; a row per model and text tower."""
+    def generic(run):  # zeroshot/<folder name>/top1 -> zeroshot/photos/top1, the same for the probe
+        out = {}
+        for k, v in run.items():
+            part = k.split("/")
+            if part[0] in ("zeroshot", "probe") and len(part) > 2:
+                k = "/".join([part[0], "photos", *part[2:]])
+            out[k] = v
+        return out
+    groups = {e: [generic(r) for r in runs] for e, runs in load(folder).items()}
+    columns = [*[(f"zero-shot top{k}", f"zeroshot/photos/top{k}") for k in (1, 3, 5)],
+               ("probe (z)", "probe/photos/z/acc"), ("probe (z+zi)", "probe/photos/z+zi/acc"),
+               ("Flickr8k rsum", "retrieval/rsum"), ("modality gap", "structure/modality_gap")]
+    return table(groups, "Flickr8k → photo classes: zero-shot and linear probe (%), Flickr8k test retrieval",
+                 columns, 2, TRANSFER_NAMES)
 
 
 def figures(folder, seed=1):
@@ -509,7 +534,8 @@ def main():
     p.add_argument("what", choices=["synthetic", "flickr8k", "theorem1", "fusion", "fusion-flickr8k",
                                     "codis-ablation", "codebook", "theorem1-table", "ablation-table", "tables",
                                     "figures", "gc-sweep", "sep-sweep", "br-sweep", "sweep-table", "selected",
-                                    "budget", "budget-figure", "transfer", "claims"])
+                                    "budget", "budget-table", "budget-figure", "transfer", "transfer-table",
+                                    "claims"])
     p.add_argument("folder", nargs="?", help="tables, figures: the folder of runs")
     p.add_argument("--seeds", type=int, nargs="+", default=None,
                    help="default 1 2 3; `selected` (the test-split check of the chosen weights): 4 5 6")
@@ -554,8 +580,13 @@ def main():
         print(tables(folder, labels_of(VALIDATED)))
     elif a.what == "budget":
         experiment("budget", [], a.seeds, BUDGET)
+    elif a.what == "budget-table":
+        folder = a.folder or os.path.join(ROOT, "runs", "results", "budget")
+        print(score_table(load(folder), labels_of(BUDGET), "Test split, 450 and 1,800 steps: the score and its parts"))
     elif a.what == "budget-figure":
         budget_figure(a.folder or os.path.join(ROOT, "runs", "results", "budget"))
+    elif a.what == "transfer-table":
+        print(transfer_table(a.folder or os.path.join(ROOT, "runs", "results", "transfer")))
     elif a.what == "transfer":
         print(transfer(a.data_root, a.classify_root, a.text, a.seeds))
     elif a.what == "claims":
