@@ -469,7 +469,7 @@ def figures(folder, seed=1):
     import data
     import eval as ev
     from matplotlib.figure import Figure
-    names = {extra[extra.index("--exp-name") + 1]: label for label, (_, extra) in METHODS.items()}
+    names = labels_of(METHODS)
     runs = {exp: d for exp in names for d in sorted(glob.glob(os.path.join(folder, f"{exp}-*-{seed}-*")))}
     panels, fig = {}, Figure(figsize=(7, 4))
     ax = fig.subplots()

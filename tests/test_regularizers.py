@@ -197,9 +197,9 @@ TINY_MODEL = dict(cnn_width=4, text_width=16, text_layers=1, embed_dim=8)
     ("sep", {"sep_weight": 1.0, "sep_con_weight": 1.0}, lambda t, a: t["con"] + t["ortho"] + t["con_i"] + t["uni"]),
     ("sep", {"sep_weight": 0.3, "sep_con_weight": 0.1},
      lambda t, a: t["con"] + 0.3 * (t["ortho"] + 0.1 * t["con_i"] + t["uni"])),
-    ("bridge", {}, lambda t, a: t["con"] + a.bridge_weight * t["bridge"]),
-    ("bridge", {"bridge_random_t": True}, lambda t, a: t["con"] + a.bridge_weight * t["bridge"]),
-    ("geocons", {}, lambda t, a: t["con"] + a.gc_weight * (t["gc"] + t["gc_a"])),
+    ("bridge", {"bridge_weight": 0.7}, lambda t, a: t["con"] + 0.7 * t["bridge"]),
+    ("bridge", {"bridge_weight": 0.7, "bridge_random_t": True}, lambda t, a: t["con"] + 0.7 * t["bridge"]),
+    ("geocons", {"gc_weight": 0.5}, lambda t, a: t["con"] + 0.5 * (t["gc"] + t["gc_a"])),
 ])
 @pytest.mark.method
 def test_compute_losses_adds_the_method_terms(method, extra, total):
