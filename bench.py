@@ -48,6 +48,9 @@ Run it:  python bench.py                                   (cpu config: 5 warm-u
          python bench.py --config gpu --save bench-gpu.json
          python bench.py --config gpu --fixed-batch        (one batch reused on the GPU: no input pipeline)
          python bench.py --config gpu --methods clip_base --data-root /data/coco --num-workers 12
+bench.py times one process. On K GPUs, each script's scaling efficiency comes from the scripts themselves
+under torchrun (samples_per_s in log.jsonl at K = 1, 2, 4, 8 with --batch-size growing with K): the command is
+in docs/distributed.md, "Scaling" (not yet measured here: it needs a machine with several GPUs).
 Any other flag is passed to every method script that has it (the scripts' own flags: --batch-size 64,
 --image-size 64, --num-workers 4, ...); --two-tower-flags="..." / --fusion-flags="..." reach one family only.
 """

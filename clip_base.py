@@ -34,9 +34,12 @@ import signal
 import sys
 import threading
 import time
+import dataclasses
 from dataclasses import asdict, dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from tqdm import tqdm
@@ -60,10 +63,16 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """torch.compile the model"""
     torch_deterministic: bool = False
     """GPU: deterministic cuDNN kernels, no autotuning (slower; what stays bit-exact: docs/gpu.md)"""
+    sync_bn: bool = True
+    """under torchrun on GPUs: BatchNorm statistics over the global batch (SyncBatchNorm); on CPUs (gloo)
+    each process keeps its own (docs/distributed.md)"""
+    dist_timeout: float = 10.0
+    """under torchrun: minutes a process waits for the others before the run stops with an error"""
     out: str = "runs"
     """parent folder of the run folder"""
     resume: str = ""
-    """path of a checkpoint.pt to continue exactly where it stopped"""
+    """path of a checkpoint.pt to continue exactly where it stopped, with the run's own flags (which flags
+    given with it still apply: the end of --help)"""
     stop_at: int = 0
     """stop at this step with a checkpoint, as a preempted job would (0 = run to the end)"""
     steps: int = 450
@@ -71,7 +80,8 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     epochs: float = 0.0
     """if > 0: train for this many passes over the training images instead of --steps"""
     batch_size: int = 128
-    """image-text pairs per step (N)"""
+    """image-text pairs per step (N): the global batch the loss sees; under torchrun each of the K
+    processes loads N/K of them (N must divide by K), so a run gives the numbers of one process"""
     lr: float = 1e-3
     """peak learning rate of AdamW (linear warm-up, cosine decay to 0)"""
     warmup: int = 50
@@ -87,6 +97,10 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     end, at --stop-at and on Ctrl-C / SIGTERM"""
     eval_every: int = 0
     """steps between cheap validations on the validation split, written to log.jsonl as val/... (0 = off)"""
+    report_to: str = ""
+    """live curves besides log.jsonl: tensorboard or wandb (optional packages, docs/pretrained.md)"""
+    init_from: str = ""
+    """start from the weights of a run of this script exported with `python eval.py RUN --export DIR`"""
     vision: str = "cnn"
     """image encoder: cnn (small, from scratch) or a torchvision ResNet name (resnet18, resnet50, ...)"""
     pretrained_vision: bool = False
@@ -95,6 +109,10 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """channels of the first stage of the small CNN (doubled at each of its 4 stages)"""
     text_model: str = ""
     """text encoder: '' = a small BERT from scratch, or a Hugging Face name / local folder"""
+    init_clip: str = ""
+    """start from a pretrained CLIP (Hugging Face CLIPModel or SigLIP, name or local folder): both towers,
+    both projections, the temperature, the tokenizer and the eval preprocessing; --image-size, --max-len,
+    --embed-dim and --tokenizer are then the model's (docs/pretrained.md)"""
     text_layers: int = 2
     """small BERT: layers"""
     text_width: int = 128
@@ -109,11 +127,16 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
 class CLIP(nn.Module):
     def __init__(self, args, vocab_size):
         super().__init__()
-        self.visual, self.text = build_vision(args), TextEncoder(args, vocab_size)
-        self.image_proj = nn.Linear(self.visual.out_dim, args.embed_dim)
-        self.text_proj = nn.Linear(self.text.out_dim, args.embed_dim)
-        # τ = exp(−logit_scale), initialized at 0.07 and learned; 1/τ is clamped to ≤ 100 after each step
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        if args.init_clip:  # a pretrained CLIP's towers, projections and temperature (eval.load_clip_parts)
+            parts = ev.load_clip_parts(args.init_clip)
+            self.visual, self.text, self.image_proj, self.text_proj = parts[:4]
+            self.logit_scale = nn.Parameter(torch.tensor(parts.logit_scale))
+        else:
+            self.visual, self.text = build_vision(args), TextEncoder(args, vocab_size)
+            self.image_proj = nn.Linear(self.visual.out_dim, args.embed_dim)
+            self.text_proj = nn.Linear(self.text.out_dim, args.embed_dim)
+            # τ = exp(−logit_scale), initialized at 0.07 and learned; 1/τ is clamped to ≤ 100 after each step
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
 
     def encode_image(self, images):  # (N, 3, H, W) -> z_V (N, E), unit norm
         return F.normalize(self.image_proj(self.visual(images)), dim=-1)
@@ -131,13 +154,43 @@ def build_model(args, tokenizer):
 
 
 # ============================== losses (the method) ==========================================
+class AllGatherWithGrad(torch.autograd.Function):
+    """forward: the whole batch's rows, from every process in rank order, (n, E) -> (N, E) with N = K·n.
+    backward: every process's loss depends on this process's rows (as negatives), so their gradient is the sum
+    over the processes of each one's gradient for these rows: an all-reduce, then this process's slice."""
+
+    @staticmethod
+    def forward(ctx, x):
+        rows = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(rows, x.contiguous())
+        return torch.cat(rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        dist.all_reduce(grad)                                        # Σ over processes, (N, E)
+        n = len(grad) // dist.get_world_size()
+        return grad[dist.get_rank() * n:(dist.get_rank() + 1) * n]   # this process's rows, (n, E)
+
+
+def all_gather_with_grad(x):
+    """Every process's rows of x (the whole batch), differentiable; x itself on one process. Without the
+    gradient, the other processes' rows would be constants and each encoder would learn from its own rows'
+    terms only."""
+    return AllGatherWithGrad.apply(x) if dist.is_initialized() else x
+
+
 def nce(a, b, logit_scale):
-    """InfoNCE of a against b: row j's positive is b_j, its negatives the other b_k of the batch."""
+    """InfoNCE of a against b: row j's positive is b_j, its negatives the other b_k of the batch. Under
+    torchrun a holds this process's n rows and b is gathered from every process: the negatives are the
+    whole batch's N, and row j's positive is b_{rank·n + j}."""
+    b = all_gather_with_grad(b)                                       # (N, E)
     with torch.autocast(a.device.type, enabled=False):  # fp32 logits, also under bf16/fp16 autocast
-        # s_jk = ⟨a_j, b_k⟩ / τ                                          (N, N)
+        # s_jk = ⟨a_j, b_k⟩ / τ                                          (n, N)
         logits = logit_scale.exp().float() * (a.float() @ b.float().t())
-    # NCE(a, b) = −1/N Σ_j log( exp(s_jj) / Σ_k exp(s_jk) )
-    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+    # NCE(a, b) = −1/n Σ_j log( exp(s_j,o+j) / Σ_k exp(s_jk) ),  o = rank·n (0 on one process, where n = N)
+    o = dist.get_rank() * len(a) if dist.is_initialized() else 0
+    return F.cross_entropy(logits, torch.arange(o, o + len(a), device=a.device))
 
 
 def loss_con(f, f_a, logit_scale, plain_clip=False):
@@ -187,7 +240,10 @@ def main(argv=None):
     ckpt = None
     if args.resume:  # tensors and plain values only: loading a checkpoint never runs code (eval.py)
         ckpt = ev.load_checkpoint(args.resume, expect_script=script)
-        args = Args(**{**ckpt["args"], "resume": args.resume, "stop_at": args.stop_at})
+        # the run's own flags, plus the few that are safe to change (--steps, --stop-at, ...: data.RESUME_HELP)
+        args = data.resume_args(Args, ckpt, argv)
+        if ckpt["step"] >= args.steps:  # a finished run: say where its metrics are, train nothing
+            return ev.finished_run(args.resume, ckpt["step"])
     random.seed(args.seed)
     torch.manual_seed(args.seed)
     # speed by default (cuDNN picks the fastest kernels); --torch-deterministic for bit-exact GPU runs
@@ -195,9 +251,11 @@ def main(argv=None):
     torch.backends.cudnn.benchmark = not args.torch_deterministic
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     device = ev.pick_device(args.device)
-    if args.precision not in ev.PRECISIONS:
-        raise ValueError(f"--precision {args.precision!r}: choose one of {', '.join(ev.PRECISIONS)}")
+    # under torchrun: this process's rank of K, and its GPU (LOCAL_RANK); (0, 1, device) for python SCRIPT.py
+    rank, world, device = init_distributed(args, device)
     amp_dtype = ev.PRECISIONS[args.precision]
+    if args.init_clip and ckpt is None:  # the pretrained CLIP's image size, caption length, width and tokenizer
+        args = dataclasses.replace(args, **ev.clip_settings(args.init_clip))
 
     # ---- data, tokenizer, model
     train_set, suite = data.build_data(args)
@@ -207,6 +265,13 @@ def main(argv=None):
     if args.epochs > 0:
         args.steps = max(1, int(args.epochs * steps_per_epoch))
     model = build_model(args, tokenizer).to(device)
+    if args.init_from and ckpt is None:  # the weights of an exported run of this script (eval.py RUN --export)
+        state, exported_by, _ = ev.load_export(args.init_from)
+        if exported_by != script:
+            data.flag_error(f"--init-from {args.init_from} holds a run of {exported_by}.py, not {script}.py")
+        model.load_state_dict(state)
+    if world > 1 and args.sync_bn and device.type == "cuda":  # BatchNorm over the global batch
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     # NHWC: faster convolutions (GPU tensor cores)
     channels_last = args.vision != "cnn" or device.type == "cuda"
     if channels_last:
@@ -222,44 +287,60 @@ def main(argv=None):
         scheduler.load_state_dict(ckpt["scheduler"])
         scaler.load_state_dict(ckpt["scaler"])
         step, n_skipped = ckpt["step"], ckpt.get("skipped_images", 0)
-        set_rng_state(ckpt["rng"], device)
+        set_rng_state(ev.resumed_rng(ckpt, rank, world), device)
         run_dir = os.path.dirname(os.path.abspath(args.resume))
     else:
-        run_dir = make_run_dir(args)
-        with open(os.path.join(run_dir, "args.json"), "w") as f:
-            json.dump(asdict(args), f, indent=2)
-    tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
+        if world > 1:  # the same weights everywhere, then a random stream of its own per process (dropout)
+            torch.manual_seed(args.seed + 1_000_003 * rank)
+        run_dir = make_run_dir(args) if rank == 0 else None
+        if rank == 0:
+            with open(os.path.join(run_dir, "args.json"), "w") as f:
+                json.dump(asdict(args), f, indent=2)
+        run_dir = ev.shared_by_rank_0(run_dir)
+    if rank == 0:  # one run, not K: rank 0 alone writes the run folder
+        lock = ev.lock_run_dir(run_dir)  # noqa: F841 - held until the process ends: one process trains in a run
+        tokenizer.save_pretrained(os.path.join(run_dir, "tokenizer"))
     fwd_model = torch.compile(model) if args.compile else model
+    if world > 1:  # DDP synchronizes the gradients of what runs in its forward: there, all of compute_losses
+        fwd_model = nn.parallel.DistributedDataParallel(LossInForward(fwd_model, compute_losses))
     loader = data.train_loader(train_set, tokenizer, args, args.batch_size, args.seed, start_step=step,
-                               second_view=not args.plain_clip, pad_to_max=args.compile)
-    print(f"{script}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} "
+                               second_view=not args.plain_clip, pad_to_max=args.compile, rank=rank, world=world)
+    print_0 = print if rank == 0 else (lambda *a, **k: None)  # one process speaks
+    print_0(f"{script}: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(train_set)} "
           f"training images, {args.steps} steps of {args.batch_size} on {device} ({args.precision}) "
           f"-> {run_dir}")
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     window = []  # each step's loss terms, kept on the device and checked (one sync) when logging or saving
 
     def check_finite():
-        bad = first_non_finite(window, list(terms), step - len(window))
+        window[:] = ev.mean_over_processes(window)  # K processes: the global batch's terms; a NaN anywhere stops all
+        bad = window and first_non_finite(window, list(terms), step - len(window))
         if bad:
             kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
                     else "no checkpoint")
+            fp32 = f" or --precision fp32 (now {args.precision})" if args.precision != "fp32" else ""
             raise SystemExit(f"{script}: the loss term {bad[1]!r} is not finite at step {bad[0]}; stopping "
-                             f"({kept}). Try a lower --lr (now {args.lr:g}) or --precision fp32 (now "
-                             f"{args.precision}).")
+                             f"({kept}). Try a lower --lr (now {args.lr:g}){fp32}.")
 
     def checkpoint():
         check_finite()  # never overwrite a good checkpoint with diverged weights
-        save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
-                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step,
-                        args=asdict(args),
-                        rng=rng_state(device), script=script, skipped_images=n_skipped)
+        rngs = ev.gathered_objects(rng_state(device))  # every process's RNG state (one on one process)
+        if rank == 0:
+            ev.save_checkpoint(ckpt_path, model=model.state_dict(), optimizer=optimizer.state_dict(),
+                               scheduler=scheduler.state_dict(), scaler=scaler.state_dict(), step=step,
+                               args=asdict(args), rng=rngs[0], rng_ranks=rngs, script=script,
+                               skipped_images=n_skipped)
         return time.perf_counter()
+
+    # the images of evaluation: a pretrained CLIP's own preprocessing (--init-clip), else resize and normalize
+    eval_transform = ev.model_transform(model, args.image_size)
 
     # ---- the loop
     model.train()
     end = min(args.steps, args.stop_at) if args.stop_at else args.steps
-    log = open(os.path.join(run_dir, "log.jsonl"), "a")
-    bar = tqdm(total=end, initial=step, desc=script, dynamic_ncols=True)
+    log = open(os.path.join(run_dir, "log.jsonl") if rank == 0 else os.devnull, "a")
+    bar = tqdm(total=end, initial=step, desc=script, dynamic_ncols=True, disable=rank != 0)
+    reporter = ev.open_reporter(args.report_to if rank == 0 else "", run_dir, asdict(args))  # live curves
     t_log = t_start = t_saved = time.perf_counter()
     last_step = step
     with StopOnSignal() as stop:  # Ctrl-C / SIGTERM: finish this step, checkpoint, exit
@@ -270,7 +351,8 @@ def main(argv=None):
             batch, skipped = data.to_device(batch, device, channels_last)
             n_skipped += skipped
             with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-                terms = compute_losses(fwd_model, batch, args)
+                # under torchrun the same call, inside DDP's forward (LossInForward)
+                terms = fwd_model(batch, args) if world > 1 else compute_losses(fwd_model, batch, args)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(terms["loss"]).backward()
             scaler.step(optimizer)
@@ -291,38 +373,49 @@ def main(argv=None):
                        "peak_mem_mib": peak_memory_mib(device), "skipped_images": n_skipped}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
-                bar.set_postfix({k.replace("loss_",
-                                           ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
+                reporter.log(row)
+                bar.set_postfix({k.replace("loss_", ""): f"{v:.3f}" for k, v in row.items() if k.startswith("loss")})
                 t_log, last_step = now, step
-            if args.eval_every and step % args.eval_every == 0:  # cheap metrics on the validation split
-                log.write(json.dumps({"step": step, **ev.validate(
-                    model, tokenizer, val_suite, data.eval_transform(args.image_size), device, args.max_len,
-                    args.precision)}) + "\n")
+            if args.eval_every and step % args.eval_every == 0 and rank == 0:  # cheap metrics, validation split
+                row = {"step": step, **ev.validate(model, tokenizer, val_suite, eval_transform, device, args.max_len,
+                                                   args.precision)}
+                log.write(json.dumps(row) + "\n")
                 log.flush()
-            if ((args.save_every and step % args.save_every == 0)
-                    or (args.save_minutes and time.perf_counter() - t_saved >= 60 * args.save_minutes)
+                reporter.log(row)
+            due = args.save_minutes and time.perf_counter() - t_saved >= 60 * args.save_minutes
+            # K processes decide together: rank 0's clock, and a signal to any one stops all
+            due, stop.signal = ev.agreed(due if rank == 0 else False, stop.signal, device)
+            if ((args.save_every and step % args.save_every == 0) or due
                     or (args.data != "synthetic" and step % steps_per_epoch == 0)):  # and after every epoch
                 t_saved = checkpoint()
             if stop.signal:
                 break
     bar.close()
     log.close()
+    reporter.close()
     del loader  # its worker processes end here, before the evaluation
     checkpoint()
     train_seconds = time.perf_counter() - t_start
+    if world > 1:  # every parameter (and queue, codebook) must be the same on every process: checked
+        ev.check_in_sync(model, device)
     if n_skipped:
         print(f"{script}: {n_skipped} training images could not be decoded and were replaced by the next one")
     if stop.signal or step < args.steps:
-        print(f"stopped at step {step} of {args.steps}; continue with --resume {ckpt_path}")
+        print_0(f"stopped at step {step} of {args.steps}; continue with --resume {ckpt_path}")
         if stop.signal:
             # the conventional status: 130 after Ctrl-C, 143 after SIGTERM
             raise SystemExit(128 + stop.signal)
         return run_dir
+    if rank != 0:  # the evaluation runs once, on rank 0
+        return run_dir
 
     # ---- final evaluation on the --eval-split split (test by default) (eval.py, through encode_image /
     # encode_text)
-    metrics = ev.evaluate(model, tokenizer, suite, data.eval_transform(args.image_size), device, args.max_len,
-                          args.precision, num_workers=args.num_workers)
+    # a signal now stops at once: the checkpoint is complete, and eval.py computes the metrics from it
+    with StopOnSignal(at_once=f"the checkpoint {ckpt_path} of step {step} is complete; compute the metrics "
+                              f"with python eval.py {run_dir} --save"):
+        metrics = ev.evaluate(model, tokenizer, suite, eval_transform, device, args.max_len,
+                              args.precision, num_workers=args.num_workers)
     metrics.update({"train/steps": step, "train/seconds": train_seconds,
                     "train/peak_mem_mib": peak_memory_mib(device),
                     "train/skipped_images": n_skipped})
@@ -424,13 +517,6 @@ def make_optimizer(model, args, device):
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, schedule)
 
 
-def save_checkpoint(path, **state):
-    """Write atomically: a crash while saving never leaves a half-written checkpoint behind."""
-    tmp = path + ".tmp"
-    torch.save(state, tmp)
-    os.replace(tmp, path)
-
-
 def make_run_dir(args):
     """runs/<name>-<data>-<seed>-<time>/, never an existing folder: a sweep that starts two runs of the same
     name, data and seed in the same second gets <...>-2, <...>-3 (os.makedirs of a new leaf is atomic)."""
@@ -459,8 +545,12 @@ def first_non_finite(window, names, first_step):
 
 class StopOnSignal:
     """Inside `with`: SIGINT (Ctrl-C) and SIGTERM (what schedulers send before preemption) only set .signal,
-    so the loop finishes its step and checkpoints; a second signal interrupts at once. The handlers are
-    restored on exit."""
+    so the loop finishes its step and checkpoints; a second signal interrupts at once. With at_once (a message
+    saying what is already safe), the first signal prints it and exits at once with 130 / 143. The handlers
+    are restored on exit."""
+
+    def __init__(self, at_once=""):
+        self.at_once = at_once
 
     def __enter__(self):
         self.signal, self.old = 0, {}
@@ -469,6 +559,9 @@ class StopOnSignal:
         return self
 
     def handle(self, signum, frame):
+        if self.at_once:
+            print(f"\n{signal.Signals(signum).name}: stopping; {self.at_once}", file=sys.stderr, flush=True)
+            raise SystemExit(128 + signum)
         if self.signal:
             raise KeyboardInterrupt
         self.signal = signum
@@ -509,6 +602,39 @@ def peak_memory_mib(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # process peak RSS (Linux: KiB)
+
+
+
+# ---- appendix C. many processes (torchrun; see docs/distributed.md)
+def init_distributed(args, device):
+    """torchrun starts K copies of the script with RANK, WORLD_SIZE and LOCAL_RANK set: join the process group
+    (NCCL between GPUs, gloo between CPUs) and take GPU number LOCAL_RANK. Returns (rank, K, device); (0, 1,
+    device) for a plain `python SCRIPT.py`."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1, device
+    if args.batch_size % world:
+        data.flag_error(f"--batch-size {args.batch_size} is the global batch: it must divide evenly over the "
+                        f"{world} processes (e.g. --batch-size {max(1, args.batch_size // world) * world})")
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                            timeout=timedelta(minutes=args.dist_timeout))
+    return dist.get_rank(), world, device
+
+
+class LossInForward(nn.Module):
+    """The model with compute_losses as its forward. DistributedDataParallel all-reduces the gradients of what
+    ran inside its forward; compute_losses reads the model's parts directly (the temperature, the towers), so
+    the whole loss must run there, or some gradients would silently stay per process."""
+
+    def __init__(self, model, compute_losses):
+        super().__init__()
+        self.model, self.compute_losses = model, compute_losses
+
+    def forward(self, *inputs):
+        return self.compute_losses(self.model, *inputs)
 
 
 if __name__ == "__main__":

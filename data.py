@@ -14,7 +14,10 @@ Contents, top to bottom:
    Broken inputs are skipped, counted and reported once: at start, what needs no decoding (a missing
    file, an empty caption, a caption without its image); evaluation images are also decoded at start;
    training images are decoded when a batch first needs them (a failure is substituted and counted in
-   the batch's "skipped"), or all at start with --verify-images.
+   the batch's "skipped"), or all at start with --verify-images. Image paths that resolve outside
+   --data-root (symlinks followed) are skipped and counted too, unless --allow-outside-root. An annotation
+   file of the wrong shape, or a split the run evaluates without any image (`check_eval_suite`), is one
+   error at start naming the file and the layout expected.
 5. Tokenizers: any Hugging Face name or directory, or a word-level vocabulary generated offline
    (from the synthetic word list, or from the training captions of a real dataset).
 6. Augmentations: image train / second-view / eval transforms, and EDA for text. The training
@@ -76,6 +79,9 @@ class DataArgs:
     """CSV/TSV column holding the image path (relative to --data-root)"""
     caption_col: str = "title"
     """CSV/TSV column holding the caption"""
+    allow_outside_root: bool = False
+    """use image paths (and, in a webdataset folder, symlinked files) that resolve outside --data-root; by
+    default they are skipped and counted"""
     max_samples: int = 0
     """use a deterministic subset of this many training images (0 = all)"""
     max_eval: int = 0
@@ -103,6 +109,15 @@ class DataArgs:
     """synthetic: contrast of the image-only background texture (0 = invisible, 1 = black/white)"""
     probe_train: int = 2000
     """training images used to fit the linear probes"""
+    classnames: str = ""
+    """zero-shot class names file for --classify / --zeroshot-folder, one per line in class order (sorted
+    folder names; CIFAR's class order), as CLIP_benchmark's; default: the folder names"""
+    templates: str = ""
+    """zero-shot prompt templates file, one per line with one {} where the class name goes (CLIP_benchmark's
+    {c} is read as {}); default: four 'a photo of a {}.'-style templates"""
+    allow_repeats: bool = False
+    """allow a --batch-size larger than the training set (a batch then holds some images twice: false
+    negatives for a contrastive loss)"""
 
 
 def _field_docs(cls) -> dict:
@@ -141,9 +156,116 @@ def add_dataclass_args(parser: argparse.ArgumentParser, cls, defaults=True) -> a
 
 
 def parse_args(cls, argv=None):
-    """Parse the command line into an instance of the dataclass `cls` (its docstring is the help)."""
-    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0])
-    return cls(**vars(add_dataclass_args(parser, cls).parse_args(argv)))
+    """Parse the command line into an instance of the dataclass `cls` (its docstring is the help), then check
+    every flag against FLAG_RULES: a value out of range stops here, before any data is read, with a one-line
+    error naming the flag (exit status 2, as argparse's own errors)."""
+    parser = argparse.ArgumentParser(description=(sys.modules[cls.__module__].__doc__ or "").split("\n")[0],
+                                     epilog=RESUME_HELP)
+    args = cls(**vars(add_dataclass_args(parser, cls).parse_args(argv)))
+    check_flags(args)
+    return args
+
+
+def flag_error(message):
+    """Stop with a one-line error about the command line: exit status 2, as argparse's own errors."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _at_least(low):
+    return f"≥ {low}", lambda v: v >= low
+
+
+def _above(low):
+    return f"> {low}", lambda v: v > low
+
+
+def _within(low, high):
+    return f"in [{low}, {high}]", lambda v: low <= v <= high
+
+
+def _one_of(*choices):
+    return "one of " + ", ".join(choices), lambda v: v in choices
+
+
+# What each flag allows (only the flags a script has are checked). Zero means "off" or "all" where the flag's
+# help says so; a negative count never means anything.
+FLAG_RULES = {
+    # data
+    "max_samples": _at_least(0), "max_eval": _at_least(0), "image_size": _at_least(8), "max_len": _at_least(3),
+    "num_workers": _at_least(-1), "synth_train": _at_least(1), "synth_texture_contrast": _within(0, 1),
+    "probe_train": _at_least(1), "eval_split": _one_of("test", "val"),
+    "data": _one_of("synthetic", "karpathy", "albef", "wds", "csv"),
+    # training
+    "precision": _one_of("fp32", "bf16", "fp16"), "steps": _at_least(1), "epochs": _at_least(0),
+    "batch_size": _at_least(2), "lr": _above(0), "warmup": _at_least(0), "weight_decay": _at_least(0),
+    "log_every": _at_least(1), "save_every": _at_least(0), "save_minutes": _at_least(0),
+    "eval_every": _at_least(0), "stop_at": _at_least(0),
+    # encoders
+    "cnn_width": _at_least(1), "text_layers": _at_least(1), "text_width": _at_least(1), "embed_dim": _at_least(1),
+    "vit_patch": _at_least(1), "vit_width": _at_least(1), "vit_depth": _at_least(1), "vit_heads": _at_least(1),
+    "fusion_layers": _at_least(1), "text_heads": _at_least(1), "dropout": _within(0, 0.99),
+    # the methods' own weights and constants
+    "sep_weight": _at_least(0), "sep_con_weight": _at_least(0), "bridge_weight": _at_least(0),
+    "bridge_t": _within(0, 1), "gc_weight": _at_least(0), "queue_size": _at_least(0), "momentum": _within(0, 1),
+    "alpha": _within(0, 1), "alpha_ramp": _at_least(0), "temp": _within(0.001, 0.5), "mlm_prob": _within(0.01, 1),
+    "itm_k": _at_least(0), "codebook_size": _at_least(1), "code_temp": _above(0), "ipot_beta": _above(0),
+    "ipot_outer": _at_least(1), "ipot_inner": _at_least(1), "code_weight": _at_least(0),
+    "plan_features": _one_of("teacher", "student"), "pool": _one_of("mean", "cls"),
+    "vit_stem": _one_of("conv", "linear"), "dist_timeout": _above(0), "report_to": _one_of("", "tensorboard", "wandb"),
+}
+
+
+def check_flags(args):
+    """Every flag in its range (FLAG_RULES), then the combinations no single range can say."""
+    for name, value in vars(args).items():
+        if name in FLAG_RULES:
+            allowed, ok = FLAG_RULES[name]
+            if not ok(value):
+                shown = f"{value:g}" if isinstance(value, float) else value
+                flag_error(f"--{name.replace('_', '-')} {shown}: must be {allowed}")
+    queue, batch = getattr(args, "queue_size", 0), getattr(args, "batch_size", 1)
+    if queue % batch:  # each step replaces the oldest batch of the queue
+        flag_error(f"--queue-size {queue} is not a multiple of --batch-size {batch}: each step replaces the "
+                   f"oldest {batch} entries (e.g. --queue-size {max(1, round(queue / batch)) * batch})")
+    patch = getattr(args, "vit_patch", 0)
+    if patch and getattr(args, "vision", "") == "vit" and args.image_size % patch:
+        flag_error(f"--image-size {args.image_size} is not a multiple of --vit-patch {patch}")
+
+
+# ---- --resume: which flags a resumed run takes from the command line
+RESUME_SAFE = ("steps", "stop_at", "num_workers", "eval_every", "save_every", "save_minutes", "log_every",
+               "device", "compile", "resume")
+RESUME_HELP = ("--resume CHECKPOINT continues a run with the flags it was started with. Of the flags given with "
+               "it, only these are applied: --steps (to extend the run: the cosine schedule then ends at the new "
+               "step), --stop-at, --num-workers, --eval-every, --save-every, --save-minutes, --log-every, "
+               "--device, --compile; any other flag whose value differs from the run's is refused (start a new "
+               "run instead). A finished run is not trained again: its metrics.json is named.")
+
+
+def resume_args(cls, ckpt, argv=None):
+    """The flags of a resumed run: the checkpoint's, plus those of RESUME_SAFE given on the command line.
+    Any other flag given with a value that differs from the run's stops here (exit status 2) with the list, so
+    nothing the user typed is silently dropped."""
+    given = vars(add_dataclass_args(argparse.ArgumentParser(add_help=False), cls, defaults=False)
+                 .parse_known_args(argv)[0])
+    run = {**ckpt["args"], "stop_at": 0}                       # --stop-at is never inherited: run to the end
+    changed = [k for k, v in given.items() if k not in RESUME_SAFE and run.get(k, v) != v]
+    if changed:
+        flag_error("--resume continues a run with its own flags; these would change it: "
+                   + ", ".join(f"--{k.replace('_', '-')} {given[k]} (the run has {run[k]})" for k in changed)
+                   + ". Drop them, or start a new run without --resume.")
+    step = ckpt["step"]
+    if "steps" in given:
+        if given["steps"] < step:
+            flag_error(f"--steps {given['steps']}: the checkpoint is at step {step} already")
+        if given["steps"] != run["steps"]:
+            print(f"--resume: --steps {given['steps']} (the run had {run['steps']}): the cosine schedule now "
+                  f"ends at step {given['steps']}")
+        run["epochs"] = 0.0                                    # --steps now counts, not the run's --epochs
+    if given.get("stop_at") and given["stop_at"] <= step:
+        flag_error(f"--stop-at {given['stop_at']}: the checkpoint is at step {step} already; give a later step")
+    return cls(**{**run, **{k: v for k, v in given.items() if k in RESUME_SAFE or k not in run}})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -570,7 +692,7 @@ START_SAMPLE = 32  # training images decoded at start without --verify-images (e
 
 
 def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers=8, report=None, sample=None,
-                listed=False):
+                listed=False, root=None):
     """Build a FilePairSet, dropping empty captions, missing and unreadable images; report counts once.
 
     Always, without decoding anything: captions empty after stripping are dropped, images left without a
@@ -582,6 +704,8 @@ def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers
     the others when a batch first needs them (`TrainPairs` substitutes and counts any that fail then).
     `report`: counts the caller already made (e.g. a caption file without its image), merged in.
     listed=True: the refs were just found by listing their folders, so the missing-file check is skipped.
+    root (a folder, or None for no check): image paths that resolve outside it, symlinks followed, are
+    skipped and counted as well (`_existing`).
     """
     report = Counter(report or {})
     keep_caps = []
@@ -592,9 +716,10 @@ def clean_pairs(name, refs, captions, labels=None, draft=0, verify=True, workers
     ps = FilePairSet(name, refs, keep_caps, labels, draft=draft or 64)
     todo = [i for i in range(len(ps)) if ps.captions[i]]
     _count(report, "images without a caption skipped", len(ps) - len(todo))
-    found = [True] * len(todo) if listed else _existing([ps.refs[i] for i in todo], workers)
-    _count(report, "missing images skipped", found.count(False))
-    todo = [i for i, ok in zip(todo, found) if ok]
+    found = [FOUND] * len(todo) if listed else _existing([ps.refs[i] for i in todo], workers, root)
+    _count(report, "missing images skipped", found.count(MISSING))
+    _count(report, OUTSIDE_SKIPPED, found.count(OUTSIDE))
+    todo = [i for i, ok in zip(todo, found) if ok == FOUND]
     n_sample = START_SAMPLE if sample is None else sample
     check = todo if verify else [todo[k] for k in _spread(len(todo), n_sample)]
 
@@ -636,21 +761,49 @@ def _spread(n, k):
     return sorted({round(j * (n - 1) / (k - 1)) for j in range(k)})
 
 
-def _existing(refs, workers=8) -> list:
-    """Whether each image ref exists: one directory listing per folder instead of one `stat` per file.
-    (tar, offset, size) refs were read from their shard's headers, so they exist."""
+FOUND, MISSING, OUTSIDE = "found", "missing", "outside"
+OUTSIDE_SKIPPED = "images outside --data-root skipped (--allow-outside-root to use them)"
+
+
+def _inside(path, base) -> bool:
+    """Whether the resolved `path` is `base` or lies under it (both already passed through os.path.realpath)."""
+    return path == base or path.startswith(base if base.endswith(os.sep) else base + os.sep)
+
+
+def _existing(refs, workers=8, root=None) -> list:
+    """FOUND, MISSING or OUTSIDE for each image ref: one directory listing per folder instead of one `stat`
+    per file. With `root`, a path whose folder resolves outside root (../, an absolute path elsewhere, a
+    symlinked folder) is OUTSIDE without being looked at, and so is a symlinked file whose target does (only
+    symlinks are resolved one by one; the listing says which entries are). (tar, offset, size) refs were
+    read from their shard's headers, so they are FOUND."""
     split = os.path.split if os.altsep else lambda p: p.rpartition(os.sep)[::2]  # rpartition: faster
     paths = [split(os.fspath(r)) if isinstance(r, (str, os.PathLike)) else None for r in refs]
     folders = sorted({p[0] for p in paths if p is not None})
+    base = None if root is None else os.path.realpath(root or ".")
 
-    def listing(d):
+    def listing(d):   # {name: is a symlink}, or None for a folder outside the root
+        if base is not None and not _inside(os.path.realpath(d or "."), base):
+            return None
         try:
-            return set(os.listdir(d or "."))
+            with os.scandir(d or ".") as entries:
+                return {e.name: e.is_symlink() for e in entries}
         except OSError:
-            return set()
+            return {}
     with ThreadPoolExecutor(workers) as pool:
         names = dict(zip(folders, pool.map(listing, folders)))
-    return [p is None or p[1] in names[p[0]] for p in paths]
+
+    def status(p):
+        if p is None:
+            return FOUND
+        listed = names[p[0]]
+        if listed is None:
+            return OUTSIDE
+        if p[1] not in listed:
+            return MISSING
+        if base is not None and listed[p[1]] and not _inside(os.path.realpath(os.path.join(*p)), base):
+            return OUTSIDE
+        return FOUND
+    return [status(p) for p in paths]
 
 
 def _find_ann(args, kind, patterns):
@@ -693,18 +846,25 @@ EVAL_SPLITS = ("test", "val")
 VAL_SOURCES = {"karpathy": 'images with "split": "val" in the Karpathy JSON',
                "albef": "a *val*.json file beside the training file (its name, 'train' replaced by 'val')",
                "wds": "a holdout of at least 3 image-caption pairs", "csv": "a holdout of at least 3 rows"}
+TEST_SOURCES = {"karpathy": 'images with "split": "test" in the Karpathy JSON',
+                "albef": "a *test*.json file beside the training file (its name, 'train' replaced by 'test')",
+                "wds": "at least 2 image-caption pairs", "csv": "at least 2 rows"}
+EVAL_SOURCES = {"val": VAL_SOURCES, "test": TEST_SOURCES}
 
 
-def _finish(kind, name, raw, args, splits, report=None, read=None, listed=False):
+def _finish(kind, name, raw, args, splits, report=None, read=None, listed=False, root="", source="", evaluate=()):
     """FilePairSets of the asked `splits` of raw {split: [(image ref, captions)]}.
 
     --max-samples picks the training subset and --max-eval caps the evaluation splits before any file is
     touched (`read`, if given, turns the chosen items' caption sources into caption lists). Training images
     get the checks that need no decoding (all of them decoded too with --verify-images), evaluation images
     are decoded now (the evaluation has no substitute for an unreadable image). `report`: indexing counts,
-    reported with the training split; listed: see `clean_pairs`.
+    reported with the training split; listed: see `clean_pairs`. Image paths must resolve under `root`
+    (default --data-root, or the current folder without one), unless --allow-outside-root. A split in
+    `evaluate` (the ones the run evaluates) without any image is an error naming `source` (the annotation
+    file or folder), raised before any training.
     """
-    out = {}
+    out, root = {}, None if args.allow_outside_root else (root or args.data_root or ".")
     for split in splits:
         items = raw.get(split) or []
         if split == "train":
@@ -713,40 +873,97 @@ def _finish(kind, name, raw, args, splits, report=None, read=None, listed=False)
                 raise missing(kind, f"training pairs ({name})")
         elif args.max_eval:
             items = items[:args.max_eval]
+        if not items and split in evaluate:
+            raise ValueError(f"{source}: this --data {kind} dataset has no {split} split (it needs "
+                             f"{EVAL_SOURCES[split][kind]}), and the run evaluates that split"
+                             f"{'; use --eval-split test' if split == 'val' else ''}")
         if not items:
             continue
         refs = [r for r, _ in items]
         caps = [c for _, c in items] if read is None else read([c for _, c in items])
         out[split] = clean_pairs(f"{name}-{split}", refs, caps, draft=2 * args.image_size,
                                  verify=split != "train" or args.verify_images,
-                                 report=report if split == "train" else None, listed=listed)
+                                 report=report if split == "train" else None, listed=listed, root=root)
         if split == "train":
             _require_images(kind, out[split], refs)
     return out
 
 
-def load_karpathy(args, splits=SPLITS):
+KARPATHY_LAYOUT = ('a JSON object {"images": [{"split": "train" | "restval" | "val" | "test", "filename": "x.jpg", '
+                   '"filepath": "folder" (optional), "sentences": [{"raw": "a caption"}, ...]}, ...]}')
+ALBEF_LAYOUT = ('a JSON list of entries {"image": "path/x.jpg", "caption": "a caption"} (training file) or '
+                '{"image": "path/x.jpg", "caption": ["a caption", ...]} (val/test files)')
+
+
+def _bad_file(path, problem, layout) -> ValueError:
+    """The one error for a data file of the wrong shape: the file, what is wrong, and the layout expected."""
+    return ValueError(f"{path}: {problem}; expected {layout}")
+
+
+def _bad_entry(path, n, entry, err, layout) -> ValueError:
+    """_bad_file for entry n of a JSON list that lacks a key or holds a value of the wrong type."""
+    what = f"has no {err.args[0]!r}" if isinstance(err, KeyError) else f"is not laid out as expected ({err})"
+    shown = json.dumps(entry)
+    return _bad_file(path, f"entry {n} {what}: {shown[:150]}{' ...' if len(shown) > 150 else ''}", layout)
+
+
+def _first_non_utf8(path) -> str:
+    """'line L: byte 0x..' for the first line of the file that is not UTF-8 text."""
+    with open(path, "rb") as f:
+        for n, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return f"line {n}: byte {line[e.start]:#04x} at column {e.start + 1}"
+    return "a byte sequence cut at the end of the file"
+
+
+def _read_json(path, layout):
+    """json.load of a UTF-8 file; a file cut short, not JSON or not UTF-8 is one error naming it and `layout`."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise _bad_file(path, f"not valid JSON at line {e.lineno}, column {e.colno} ({e.msg}): the file is cut "
+                              f"short or is not JSON", layout) from None
+    except UnicodeDecodeError:
+        raise _bad_file(path, f"not UTF-8 text ({_first_non_utf8(path)})", layout) from None
+
+
+def _json_type(value) -> str:
+    return {dict: "an object", list: "a list", str: "a string"}.get(type(value), f"a {type(value).__name__}")
+
+
+def load_karpathy(args, splits=SPLITS, evaluate=()):
     """Karpathy split JSON: train = train + restval, val, test (images of other splits are ignored)."""
     path = _find_ann(args, "karpathy", ["dataset_*.json", "*.json"])
-    with open(path) as f:
-        images = json.load(f)["images"]
+    doc = _read_json(path, KARPATHY_LAYOUT)
+    images = doc.get("images") if isinstance(doc, dict) else None
+    if not isinstance(images, list):
+        found = f"an object with the keys {sorted(doc)[:10]}" if isinstance(doc, dict) else _json_type(doc)
+        raise _bad_file(path, f'the top level is {found}, not an object with an "images" list', KARPATHY_LAYOUT)
     raw, folders = {}, {}
     # dataset_flickr30k.json / dataset_flickr8k.json name no folder: find the one that holds the images
     folders_tried = ("", "flickr30k-images", "Flicker8k_Dataset", "Flickr8k_Dataset", "Images", "images")
-    default_dir = next((d for d in folders_tried
-                        if images and os.path.exists(os.path.join(args.data_root, d, images[0]["filename"]))), "")
-    for im in images:
-        split = "train" if im["split"] == "restval" else im["split"]
-        folder = im.get("filepath", default_dir)
-        if folder not in folders:  # DATA_ROOT/filepath/ once per folder (os.path.join per image is slow)
-            folders[folder] = os.path.join(args.data_root, folder, "")
-        caps = [s["raw"] for s in im["sentences"]]
-        raw.setdefault(split, []).append((folders[folder] + im["filename"], caps))
+    n = 0
+    try:
+        default_dir = next((d for d in folders_tried
+                            if images and os.path.exists(os.path.join(args.data_root, d, images[0]["filename"]))),
+                           "")
+        for n, im in enumerate(images):
+            split = "train" if im["split"] == "restval" else im["split"]
+            folder = im.get("filepath", default_dir)
+            if folder not in folders:  # DATA_ROOT/filepath/ once per folder (os.path.join per image is slow)
+                folders[folder] = os.path.join(args.data_root, folder, "")
+            caps = [s["raw"] for s in im["sentences"]]
+            raw.setdefault(split, []).append((folders[folder] + im["filename"], caps))
+    except (KeyError, TypeError, AttributeError) as e:
+        raise _bad_entry(path, f'{n} of "images"', images[n], e, KARPATHY_LAYOUT) from None
     name = os.path.splitext(os.path.basename(path))[0].replace("dataset_", "")
-    return _finish("karpathy", name, raw, args, splits)
+    return _finish("karpathy", name, raw, args, splits, source=path, evaluate=evaluate)
 
 
-def load_albef(args, splits=SPLITS):
+def load_albef(args, splits=SPLITS, evaluate=()):
     """ALBEF JSON lists: the training file has one entry per caption; *_test/*_val have caption lists."""
     path = _find_ann(args, "albef", ["*train*.json"])
     raw = {}
@@ -755,14 +972,20 @@ def load_albef(args, splits=SPLITS):
             os.path.join(os.path.dirname(path), os.path.basename(path).replace("train", split))
         if not os.path.exists(p):
             continue
-        with open(p) as f:
-            entries = json.load(f)
-        grouped = {}
-        for e in entries:  # group the one-caption entries of each image
-            caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-            grouped.setdefault(e["image"], []).extend(caps)
+        entries = _read_json(p, ALBEF_LAYOUT)
+        if not isinstance(entries, list):
+            raise _bad_file(p, f"the top level is {_json_type(entries)}, not a list", ALBEF_LAYOUT)
+        grouped, n = {}, 0
+        try:
+            for n, e in enumerate(entries):  # group the one-caption entries of each image
+                caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
+                if not isinstance(e["image"], str):
+                    raise TypeError(f"'image' is {_json_type(e['image'])}, not a path")
+                grouped.setdefault(e["image"], []).extend(caps)
+        except (KeyError, TypeError, AttributeError) as err:
+            raise _bad_entry(p, n, entries[n], err, ALBEF_LAYOUT) from None
         raw[split] = [(os.path.join(args.data_root, k), caps) for k, caps in grouped.items()]
-    return _finish("albef", "albef", raw, args, splits)
+    return _finish("albef", "albef", raw, args, splits, source=path, evaluate=evaluate)
 
 
 def _read_text(data: bytes) -> str:
@@ -910,17 +1133,45 @@ def _index_shard(shard):
     return pairs, report
 
 
-def _index_folder(root):
+def _walk_files(root, report, allow_outside=False):
+    """(folder, [file names]) of every folder under root, as os.walk gives them (symlinked folders and hidden
+    files and folders skipped), except that a symlinked file whose target lies outside root is left out and
+    counted in `report`, unless allow_outside. Only the symlinks are resolved (the listing says which)."""
+    base, todo = os.path.realpath(root), [root]
+    while todo:
+        folder, files = todo.pop(), []
+        try:
+            with os.scandir(folder) as it:
+                entries = sorted(it, key=lambda e: e.name)
+        except OSError:
+            continue
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir():
+                if not e.is_symlink():
+                    todo.append(e.path)
+            elif e.is_symlink() and not allow_outside and not _inside(os.path.realpath(e.path), base):
+                report[OUTSIDE_FILES] += 1
+            else:
+                files.append(e.name)
+        yield folder, files
+
+
+OUTSIDE_FILES = "symlinked files outside --data-root skipped (--allow-outside-root to use them)"
+
+
+def _index_folder(root, allow_outside=False):
     """One walk of an extracted img2dataset folder: (tar shards found, sorted [(caption path, image path)],
     counts). A caption pairs with the image of the same stem in the same folder (case-insensitive
-    extensions; .jpg before .jpeg, .png, ... when several exist). Hidden files and folders are ignored."""
+    extensions; .jpg before .jpeg, .png, ... when several exist). Hidden files and folders are ignored, and
+    so are symlinks to files outside root (counted; see `_walk_files`)."""
     shards, pairs, report = [], [], Counter()
-    for folder, subdirs, files in os.walk(root):
-        subdirs[:] = [d for d in subdirs if not d.startswith(".")]
+    for folder, files in _walk_files(root, report, allow_outside):
         stems, prefix = {}, os.path.join(folder, "")
         for f in files:
             stem, dot, ext = f.rpartition(".")
-            if f.startswith(".") or not dot:
+            if not dot:
                 continue
             ext = "." + ext.lower()
             if ext == ".tar":
@@ -961,15 +1212,15 @@ def _read_captions(paths) -> list:
     return [[c] for part in _parallel_map(_read_caption_files, chunks, _cores()) for c in part]
 
 
-def load_wds(args, splits=SPLITS):
+def load_wds(args, splits=SPLITS, evaluate=()):
     """img2dataset output: .tar shards (headers parsed in parallel, one process per core) or extracted
     {key}.jpg/{key}.txt files (one walk; only the chosen pairs' captions are read)."""
     root = args.data_root
     if not os.path.isdir(root or ""):
         raise missing("wds", f"--data-root {root!r}")
-    shards, pairs, report = _index_folder(root)
+    shards, pairs, report = _index_folder(root, args.allow_outside_root)
     if shards:  # shards present: the loose files are not read
-        report = Counter()
+        report = Counter({k: v for k, v in report.items() if k == OUTSIDE_FILES})
         refs, caps = [], []
         for shard_pairs, shard_report in _parallel_map(_index_shard, shards, _cores()):
             refs += [r for r, _ in shard_pairs]
@@ -980,12 +1231,26 @@ def load_wds(args, splits=SPLITS):
         refs, caps, read = [img for _, img in pairs], [txt for txt, _ in pairs], _read_captions
     if not refs:
         raise missing("wds", f"image/caption pairs ({{key}}.jpg + {{key}}.txt, or .tar shards) under {root!r} were")
-    return _holdout_split("wds", refs, caps, args, splits, report=report, read=read, listed=not shards)
+    return _holdout_split("wds", refs, caps, args, splits, report=report, read=read, listed=not shards,
+                          source=root, evaluate=evaluate)
 
 
-def load_csv(args, splits=SPLITS):
+def load_csv(args, splits=SPLITS, evaluate=()):
     """CSV/TSV with explicit image and caption columns; the delimiter is sniffed."""
     path = _find_ann(args, "csv", ["*.csv", "*.tsv"])
+    layout = (f"a UTF-8 CSV or TSV file whose first row names the columns, among them --image-col "
+              f"{args.image_col!r} (image paths relative to --data-root) and --caption-col {args.caption_col!r}")
+    try:
+        grouped, report = _read_csv(path, args, layout)
+    except UnicodeDecodeError:
+        raise _bad_file(path, f"not UTF-8 text ({_first_non_utf8(path)}); save it as UTF-8", layout) from None
+    refs = [p if os.path.isabs(p) else os.path.join(args.data_root or os.path.dirname(path), p) for p in grouped]
+    return _holdout_split("csv", refs, list(grouped.values()), args, splits, report=report,
+                          root=args.data_root or os.path.dirname(path), source=path, evaluate=evaluate)
+
+
+def _read_csv(path, args, layout) -> tuple:
+    """({image path: [captions]} in row order, counts) of a CSV/TSV file; its delimiter is sniffed."""
     with open(path, newline="", encoding="utf-8-sig") as f:
         head = f.read(65536)
         f.seek(0)
@@ -997,8 +1262,8 @@ def load_csv(args, splits=SPLITS):
         cols = next(reader, [])
         for c in (args.image_col, args.caption_col):
             if c not in cols:
-                raise KeyError(f"column {c!r} not in {path}; the columns are {cols}. "
-                               f"Choose them with --image-col and --caption-col.")
+                raise _bad_file(path, f"no column {c!r} (the columns of its first row are {cols}); choose them "
+                                      f"with --image-col and --caption-col", layout)
         ic, cc = cols.index(args.image_col), cols.index(args.caption_col)
         grouped, report = {}, Counter()
         for row in reader:
@@ -1008,11 +1273,11 @@ def load_csv(args, splits=SPLITS):
                 grouped.setdefault(row[ic], []).append("")
             elif row:
                 report["rows without an image path skipped"] += 1
-    refs = [p if os.path.isabs(p) else os.path.join(args.data_root or os.path.dirname(path), p) for p in grouped]
-    return _holdout_split("csv", refs, list(grouped.values()), args, splits, report=report)
+    return grouped, report
 
 
-def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=None, read=None, listed=False):
+def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=None, read=None, listed=False,
+                   root="", source="", evaluate=()):
     """For sources without splits, in the loader's order: the last k = min(1000, 5%) pairs (at least 1) are
     the test split, the k before them the val split (none for fewer than 3 pairs), the rest is train."""
     n = len(refs)
@@ -1020,18 +1285,63 @@ def _holdout_split(kind, refs, caps, args, splits=SPLITS, n_test=1000, report=No
     v = k if n >= 2 * k + 1 else 0
     items = list(zip(refs, caps))
     raw = {"train": items[:n - k - v], "val": items[n - k - v:n - k], "test": items[n - k:]}
-    return _finish(kind, kind, raw, args, splits, report=report, read=read, listed=listed)
+    return _finish(kind, kind, raw, args, splits, report=report, read=read, listed=listed, root=root,
+                   source=source, evaluate=evaluate)
 
 
 LOADERS = {"karpathy": load_karpathy, "albef": load_albef, "wds": load_wds, "csv": load_csv}
 CLASSIFY_TEMPLATES = ["a photo of a {}.", "a picture of a {}.", "an image of a {}.", "a photo of the {}."]
 
 
-def folder_suite(root, args, name=None, templates=CLASSIFY_TEMPLATES, split=None) -> EvalSuite:
+def _read_lines(path, flag) -> list:
+    """The non-blank lines of a UTF-8 text file, stripped; clear errors for a missing or empty file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{flag} {path!r}: no such file")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f if line.strip()]
+    if not lines:
+        raise ValueError(f"{flag} {path!r} is empty: expected one entry per line")
+    return lines
+
+
+def read_classnames(path, n_classes: int | None = None) -> list:
+    """Class names from a file, one per line in class order; n_classes (when given) must equal their count."""
+    names = _read_lines(path, "--classnames")
+    if n_classes is not None and len(names) != n_classes:
+        raise ValueError(f"--classnames {path!r} lists {len(names)} class names, but the dataset has {n_classes} "
+                         f"classes: one line per class, in class order (sorted folder names for an ImageFolder)")
+    return names
+
+
+def read_templates(path) -> list:
+    """Prompt templates from a file, one per line, each with exactly one {} (CLIP_benchmark's {c} is read as
+    {}) where the class name goes and no other braces: template.format(class name) is the prompt."""
+    templates = [t.replace("{c}", "{}") for t in _read_lines(path, "--templates")]
+    for i, t in enumerate(templates, 1):
+        try:
+            ok = t.count("{}") == 1 and t.format("x") != t
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"--templates {path!r}, line {i} {t!r}: a template needs exactly one {{}} where the "
+                             f"class name goes (e.g. 'a photo of a {{}}.') and no other braces")
+    return templates
+
+
+def zeroshot_prompts(args, classnames) -> tuple:
+    """(class names, templates) of a classification task whose dataset names its classes `classnames`:
+    --classnames / --templates files when args sets them, else classnames and CLASSIFY_TEMPLATES."""
+    names = read_classnames(args.classnames, len(classnames)) if getattr(args, "classnames", "") else classnames
+    return names, read_templates(args.templates) if getattr(args, "templates", "") else CLASSIFY_TEMPLATES
+
+
+def folder_suite(root, args, name=None, templates=None, split=None) -> EvalSuite:
     """Any ImageFolder (root/<class>/<image>) as a zero-shot task and a linear probe.
 
     Deterministic split per class: 60% probe-train, 20% probe-val, 20% test (zero-shot uses test; with
-    split="val", see `_classification_suite`). split=None: args.eval_split.
+    split="val", see `_classification_suite`). split=None: args.eval_split. Class names and templates: see
+    `zeroshot_prompts` (--classnames / --templates, else the folder names and CLASSIFY_TEMPLATES); templates
+    given here win.
     """
     if not os.path.isdir(root):
         raise FileNotFoundError(f"ImageFolder {root!r} not found: expected {root}/<class name>/<image files>")
@@ -1045,10 +1355,16 @@ def folder_suite(root, args, name=None, templates=CLASSIFY_TEMPLATES, split=None
             part = "train" if j % 5 < 3 else ("val" if j % 5 == 3 else "test")
             parts[part].append((os.path.join(root, c, fn), ci))
     name = name or os.path.basename(os.path.normpath(root))
-    names = [c.replace("_", " ") for c in classes]
+    names, file_templates = zeroshot_prompts(args, [c.replace("_", " ") for c in classes])
+    templates = templates or file_templates
     sets = {p: clean_pairs(f"{name}-{p}", [r for r, _ in v], [[names[y]] for _, y in v], {name: [y for _, y in v]},
                            draft=2 * args.image_size) for p, v in parts.items()}
-    return _classification_suite(name, names, templates, sets, split or args.eval_split)
+    found = ", ".join(f"{p} {len(ps)}" for p, ps in sets.items())
+    return check_eval_suite(_classification_suite(name, names, templates, sets, split or args.eval_split),
+                            f"ImageFolder {root!r}: usable images of its {len(classes)} class folders per part: "
+                            f"{found}. Each class's images ({', '.join(IMAGE_EXTS)}) are dealt out in file-name "
+                            f"order 3 : 1 : 1 to train, val and test, so a class needs 5 images to reach every "
+                            f"part; expected {root}/<class name>/<image files>")
 
 
 def _classification_suite(name, classnames, templates, sets, split="test"):
@@ -1084,12 +1400,12 @@ def cifar_suite(kind, root, args, split=None) -> EvalSuite:
     except RuntimeError as e:
         raise FileNotFoundError(f"{kind} not found under {root!r} ({e}). Download it once with "
                                 f"torchvision.datasets.{cls.__name__}({root!r}, download=True).") from e
-    names = [c.replace("_", " ") for c in tr.classes]
+    names, templates = zeroshot_prompts(args, [c.replace("_", " ") for c in tr.classes])
     idx = _subsample(list(range(len(tr))), 6000, seed=1)
     parts = {"train": (tr, idx[:5000]), "val": (tr, idx[5000:]), "test": (te, list(range(len(te))))}
     sets = {p: ArrayPairSet(f"{kind}-{p}", ds.data[ix], [ds.targets[i] for i in ix], names, kind)
             for p, (ds, ix) in parts.items()}
-    return _classification_suite(kind, names, CLASSIFY_TEMPLATES, sets, split or args.eval_split)
+    return _classification_suite(kind, names, templates, sets, split or args.eval_split)
 
 
 def classify_suites(spec, args, split=None) -> EvalSuite:
@@ -1137,10 +1453,7 @@ def _build_splits(args, split, with_train):
     if args.data == "synthetic":
         train, suite = synthetic_suite(args, split, with_train)
     elif args.data in LOADERS:
-        parts = LOADERS[args.data](args, ("train", split) if with_train else (split,))
-        if split == "val" and "val" not in parts:
-            raise ValueError(f"--eval-split val: this --data {args.data} dataset has no val split (it needs "
-                             f"{VAL_SOURCES[args.data]}); use --eval-split test")
+        parts = LOADERS[args.data](args, ("train", split) if with_train else (split,), evaluate=(split,))
         train, suite = parts.get("train"), EvalSuite(parts.get(split))
         if suite.retrieval is not None and not len(suite.retrieval):
             raise ValueError(f"{suite.retrieval.name}: no image of the {split} split can be used "
@@ -1150,7 +1463,24 @@ def _build_splits(args, split, with_train):
         raise ValueError(f"--data {args.data!r}: choose synthetic, karpathy, albef, wds or csv")
     if args.classify:
         suite = suite.merge(classify_suites(args.classify, args, split))
-    return train, suite
+    return train, check_eval_suite(suite, f"--max-eval {args.max_eval} (0 = all) and --probe-train "
+                                          f"{args.probe_train} must leave an image in every set")
+
+
+def check_eval_suite(suite: EvalSuite, hint: str = "") -> EvalSuite:
+    """`suite` itself when every image set its evaluation reads holds an image: the retrieval set, each
+    zero-shot set, each probe's train, val and test part. Else a ValueError naming the empty ones (and
+    `hint`), so that a run fails at start rather than after training. build_data, build_eval_suite and
+    folder_suite return only suites that pass."""
+    sets = {"retrieval": suite.retrieval} if suite.retrieval is not None else {}
+    sets.update({f"zero-shot {k}": ls.images for k, ls in suite.zeroshot.items()})
+    sets.update({f"probe {k} ({part})": getattr(task, part) for k, task in suite.probes.items()
+                 for part in ("train", "val", "test")})
+    empty = [f"{what} [{ps.name}]" for what, ps in sets.items() if not len(ps)]
+    if empty:
+        raise ValueError(f"nothing to evaluate on: no usable image in {', '.join(empty)}"
+                         f"{'; ' + hint if hint else ''}")
+    return suite
 
 
 def build_data(args) -> tuple:
@@ -1219,6 +1549,46 @@ MEAN, STD = (0.48145466, 0.4578275, 0.40821073), (0.26862954, 0.26130258, 0.2757
 def eval_transform(image_size: int):
     from torchvision import transforms as T
     return T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+PIL_FILTERS = {0: "NEAREST", 1: "LANCZOS", 2: "BILINEAR", 3: "BICUBIC", 4: "BOX", 5: "HAMMING"}  # PIL's numbers
+
+
+class FloorCenterCrop:
+    """Center crop to (height, width) with the top-left corner at floor((size - crop) / 2), the rounding of
+    Hugging Face's image processors (torchvision's CenterCrop rounds half to even, one pixel off at times)."""
+
+    def __init__(self, height: int, width: int):
+        self.height, self.width = height, width
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        top, left = (img.height - self.height) // 2, (img.width - self.width) // 2
+        return img.crop((left, top, left + self.width, top + self.height))
+
+
+def _size_of(v) -> dict:
+    """A processor size entry (an int, {"shortest_edge": n} or {"height": h, "width": w}) as a dict."""
+    return {"shortest_edge": v} if isinstance(v, int) else dict(v)
+
+
+def preprocess_transform(config: dict, mean=MEAN, std=STD):
+    """The eval transform a Hugging Face image processor config (preprocessor_config.json, as a dict)
+    describes, on PIL images: resize (the shortest edge to size["shortest_edge"], or to size["height"] x
+    size["width"]) with its resampling filter (PIL's numbering; default bicubic), center crop to crop_size
+    (when do_center_crop), then ToTensor + Normalize(mean, std). mean/std default to this project's (CLIP's)
+    constants, which every model input of the project uses (eval.VisionTower maps them to another model's)."""
+    from torchvision import transforms as T
+    size = _size_of(config.get("size", 224))
+    mode = T.InterpolationMode[PIL_FILTERS[int(config.get("resample", 3))]]
+    ops = []
+    if config.get("do_resize", True):
+        target = size["shortest_edge"] if "shortest_edge" in size else (size["height"], size["width"])
+        ops.append(T.Resize(target, interpolation=mode))
+    if config.get("do_center_crop", "crop_size" in config):
+        crop = _size_of(config.get("crop_size", size.get("shortest_edge", 224)))
+        crop = {"height": crop["shortest_edge"], "width": crop["shortest_edge"]} if "shortest_edge" in crop else crop
+        ops.append(FloorCenterCrop(crop["height"], crop["width"]))
+    return T.Compose(ops + [T.ToTensor(), T.Normalize(mean, std)])
 
 
 def train_transform(image_size: int, strong: bool = False):
@@ -1339,9 +1709,13 @@ class StepSampler(Sampler):
     a run resumed at step k sees exactly the batches an uninterrupted run sees from step k.
     """
 
-    def __init__(self, pairs: PairSet, batch_size: int, seed: int, start_step: int = 0):
+    def __init__(self, pairs: PairSet, batch_size: int, seed: int, start_step: int = 0, rank: int = 0,
+                 world: int = 1):
         self.n_caps = [len(c) for c in pairs.captions]
         self.batch_size, self.seed, self.start = batch_size, seed, start_step * batch_size
+        # K processes (torchrun): batch_size is the global batch; process `rank` takes its rank-th slice of
+        # every step's batch, so the K slices together are exactly the one-process batch
+        self.rank, self.world = rank, world
 
     def epoch(self, e):
         g = torch.Generator().manual_seed(self.seed * 7919 + e)
@@ -1355,7 +1729,8 @@ class StepSampler(Sampler):
         s = self.start
         while True:
             for img, cap in self.epoch(e)[offset:]:
-                yield img, cap, self.seed * 1_000_003 + s
+                if (s % self.batch_size) * self.world // self.batch_size == self.rank:  # this process's slice
+                    yield img, cap, self.seed * 1_000_003 + s
                 s += 1
             e, offset = e + 1, 0
 
@@ -1476,16 +1851,23 @@ def _close_loaders():
         loader.close()
 
 
-def train_loader(pairs, tokenizer, args, batch_size, seed, start_step=0, second_view=True, pad_to_max=False):
+def train_loader(pairs, tokenizer, args, batch_size, seed, start_step=0, second_view=True, pad_to_max=False,
+                 rank=0, world=1):
     """The DataLoader every trainer uses: endless, deterministic from (seed, start_step).
+
+    Under torchrun (world = K processes), batch_size is the global batch: each process loads its
+    batch_size / K pairs of every step, disjoint, and together the one-process batch (StepSampler).
 
     Batches: uint8 images (pinned when CUDA is available), token ids and masks, "index", "skipped"; move
     them with `to_device`. resolve_workers(args.num_workers) persistent worker processes, 2 batches
     prefetched each, Ctrl-C ignored in them (`_worker_init`); `loader.close()` stops them.
     """
+    if batch_size > len(pairs) and not getattr(args, "allow_repeats", False):
+        flag_error(f"--batch-size {batch_size} is larger than the {len(pairs)} training images: a batch would "
+                   f"hold some images twice (false negatives). Lower --batch-size, or pass --allow-repeats")
     workers = resolve_workers(args.num_workers)
-    return TrainLoader(TrainPairs(pairs, args.image_size, second_view), batch_size=batch_size,
-                       sampler=StepSampler(pairs, batch_size, seed, start_step),
+    return TrainLoader(TrainPairs(pairs, args.image_size, second_view), batch_size=batch_size // world,
+                       sampler=StepSampler(pairs, batch_size, seed, start_step, rank, world),
                        collate_fn=Collate(tokenizer, args.max_len, pad_to_max), num_workers=workers,
                        pin_memory=torch.cuda.is_available(), persistent_workers=workers > 0, drop_last=True,
                        generator=torch.Generator().manual_seed(seed),  # never draws from the global RNG

@@ -70,8 +70,9 @@ def test_queue_size_must_be_a_multiple_of_the_batch(tmp_path):
     with pytest.raises(ValueError, match="not a multiple of --batch-size 16"):
         albef.check_queue(100, 16)
     albef.check_queue(96, 16)
-    with pytest.raises(ValueError, match="--queue-size 100 is not a multiple"):
+    with pytest.raises(SystemExit) as e:                          # the flag check, before anything runs
         albef.main(["--queue-size", "100", "--batch-size", "16", "--out", str(tmp_path)])
+    assert e.value.code == 2
     assert not os.listdir(tmp_path)  # an error at start-up, before any output
 
 

@@ -210,9 +210,10 @@ def test_code_weight_scales_l_code_and_zero_leaves_the_codebook_untrained(tokeni
         assert (grad is None or not grad.any()) if weight == 0 else grad.abs().max() > 0
 
 
-def test_plan_features_flag_is_checked(tmp_path):
-    with pytest.raises(ValueError, match="teacher or student"):
+def test_plan_features_flag_is_checked(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         codis.main(tiny_albef(tmp_path, "--plan-features", "both"))
+    assert e.value.code == 2 and "--plan-features both: must be one of teacher, student" in capsys.readouterr().err
 
 
 # ----------------------------------------------------------------------------------------------

@@ -410,11 +410,12 @@ def test_csv_paths_relative_to_the_file_without_data_root(tmp_path):
 
 def test_csv_missing_column_lists_columns(tmp_path):
     write_csv(tmp_path)
-    with pytest.raises(KeyError) as e:
+    with pytest.raises(ValueError) as e:
         data.load_csv(dargs(data_root=str(tmp_path), caption_col="caption"))
     msg = e.value.args[0]
     assert "'caption'" in msg and "['url', 'filepath', 'title']" in msg and "--caption-col" in msg
-    with pytest.raises(KeyError, match=re.escape("['url', 'filepath', 'title']")):
+    assert msg.startswith(str(tmp_path / "captions.csv"))
+    with pytest.raises(ValueError, match=re.escape("['url', 'filepath', 'title']")):
         data.load_csv(dargs(data_root=str(tmp_path), image_col="path"))
 
 

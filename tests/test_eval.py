@@ -120,16 +120,26 @@ def rand_unit(n, d, seed):
 def test_retrieval_hand_case_with_ties():
     # images = identity, so sim[i, k] = txt[k, i]; 3 images x 2 captions (txt2img = 0 0 1 1 2 2)
     sim = torch.tensor([[0.5, 0.9, 0.1, 0.2, 0.3, 0.0],   # img0: best positive 0.9, nothing above -> rank 0
-                        [0.8, 0.7, 0.3, 0.6, 0.1, 0.2],   # img1: best positive 0.6, 0.8 and 0.7 above -> rank 2
-                        [0.2, 0.1, 0.5, 0.0, 0.5, 0.4]])  # img2: best positive 0.5 tied with a negative -> rank 0
+                        [0.8, 0.7, 0.3, 0.6, 0.5, 0.2],   # img1: best positive 0.6, 0.8 and 0.7 above -> rank 2
+                        [0.2, 0.1, 0.5, 0.0, 0.5, 0.4]])  # img2: best positive 0.5 tied with a negative -> rank 1
     m = ev.retrieval_metrics(torch.eye(3), sim.T.contiguous(), [0, 0, 1, 1, 2, 2], ks=(1, 2, 3))
-    # t2i columns: cap0 [.5,.8,.2] own .5 -> 1; cap1 -> 0; cap2 [.1,.3,.5] own .3 -> 1; cap3, cap4, cap5 -> 0
-    expected = {"i2t_R@1": 200 / 3, "i2t_R@2": 200 / 3, "i2t_R@3": 100, "t2i_R@1": 400 / 6, "t2i_R@2": 100,
+    # t2i columns: cap0 [.5,.8,.2] own .5 -> 1; cap1 -> 0; cap2 [.1,.3,.5] own .3 -> 1; cap3 -> 0;
+    # cap4 [.3,.5,.5] own .5 tied with image 1 -> 1; cap5 -> 0
+    expected = {"i2t_R@1": 100 / 3, "i2t_R@2": 200 / 3, "i2t_R@3": 100, "t2i_R@1": 50, "t2i_R@2": 100,
                 "t2i_R@3": 100}
     expected["rsum"] = sum(expected.values())
     assert m.keys() == expected.keys()
     for k in expected:
         assert m[k] == pytest.approx(expected[k], abs=1e-4), k
+
+
+def test_retrieval_constant_features_score_zero_not_hundred():
+    # every score ties: 10 images x 5 captions; i2t: 45 tied negatives before the positives -> rank 45;
+    # t2i: the 9 other images -> rank 9, so only R@10 (all 10 images) is a hit
+    for chunk in (1024, 3):
+        m = ev.retrieval_metrics(torch.ones(10, 4), torch.ones(50, 4), torch.arange(50) // 5, chunk=chunk)
+        assert m == pytest.approx({"i2t_R@1": 0, "i2t_R@5": 0, "i2t_R@10": 0, "t2i_R@1": 0, "t2i_R@5": 0,
+                                   "t2i_R@10": 100, "rsum": 100})
 
 
 def brute_force_recall(sim, txt2img, ks):
@@ -173,6 +183,15 @@ def test_topk_accuracy_hand_computed():
                            [0.2, 0.8, 0.1, 0.0]])   # target 2: rank 2
     m = ev.topk_accuracy(logits, torch.tensor([0, 3, 2, 2]), ks=(1, 2, 3, 5))
     assert m == pytest.approx({"top1": 25.0, "top2": 50.0, "top3": 75.0, "top5": 100.0})   # k=5 clipped to 4
+
+
+def test_zeroshot_ties_are_not_hits():
+    # row 0: target 1 ties class 0 -> rank 1; row 1: all three tie -> rank 2; row 2: target 2 strictly first
+    logits = torch.tensor([[0.7, 0.7, 0.1], [0.3, 0.3, 0.3], [0.1, 0.2, 0.9]])
+    assert ev.topk_accuracy(logits, torch.tensor([1, 0, 2]), ks=(1, 2, 3)) == pytest.approx(
+        {"top1": 100 / 3, "top2": 200 / 3, "top3": 100.0})
+    m = ev.zeroshot_metrics(torch.ones(6, 3), torch.eye(3), [0, 1, 2, 0, 1, 2])   # constant logits
+    assert m["top1"] == 0 and m["balanced_acc"] == 0 and m["top3"] == 100
 
 
 def test_balanced_accuracy_differs_from_accuracy():
@@ -295,10 +314,12 @@ def test_uniformity_subsample_is_deterministic():
 # ----------------------------------------------------------------------------------------------
 class ToyFusion(ToyTwoTower):
     """ToyTwoTower plus an ITM score unrelated to the ITC cosine: tanh of a bilinear form of the pixels and the
-    bag of words through its own random matrices. Counts the images its ITM encodes."""
+    bag of words through its own random matrices, rounded to a multiple of `step` when step > 0 (so that
+    scores tie). Counts the images its ITM encodes."""
 
-    def __init__(self, seed=0):
+    def __init__(self, seed=0, step=0.0):
         super().__init__(seed=seed)
+        self.step = step
         g = torch.Generator().manual_seed(seed + 100)
         self.register_buffer("pf", torch.randn(3 * 8 * 8, 5, generator=g))
         self.register_buffer("tf", torch.randn(ToyTokenizer.vocab, 5, generator=g))
@@ -306,7 +327,8 @@ class ToyFusion(ToyTwoTower):
 
     def _fuse(self, img_tokens, ids, mask):                                     # img_tokens (N, 1, 5)
         bag = (F.one_hot(ids, len(self.tf)).float() * mask[..., None]).sum(1)     # (N, V)
-        return torch.tanh((img_tokens[:, 0] * (bag @ self.tf)).sum(1) / 10)
+        score = torch.tanh((img_tokens[:, 0] * (bag @ self.tf)).sum(1) / 10)
+        return torch.round(score / self.step) * self.step if self.step else score
 
     def itm_score(self, images, ids, mask):
         self.itm_images += len(images)
@@ -349,36 +371,46 @@ def test_itm_scores_match_pairs_scored_alone(model_cls):
 
 def reranked_recall(sim, itm, positives, k, ks):
     """R@r by brute force: candidate c of query q sorts by the key (0, -itm[q, c]) if c is among the k largest
-    sim[q] else (1, -sim[q, c]); the rank of q is the number of keys below its best positive's key."""
+    sim[q] (a negative before a positive it ties) else (1, -sim[q, c]); the rank of q is the number of
+    negatives whose key is at most its best positive's key."""
     hits = dict.fromkeys(ks, 0)
     for q in range(len(sim)):
-        top = set(sorted(range(sim.shape[1]), key=lambda c: -sim[q, c].item())[:k])
+        top = set(sorted(range(sim.shape[1]), key=lambda c: (-sim[q, c].item(), c in positives[q]))[:k])
         key = {c: (0, -itm[q, c].item()) if c in top else (1, -sim[q, c].item()) for c in range(sim.shape[1])}
         best = min(key[c] for c in positives[q])
-        rank = sum(v < best for v in key.values())
+        rank = sum(v <= best for c, v in key.items() if c not in positives[q])   # a tied negative counts
         for r in ks:
             hits[r] += rank < r
     return {r: 100.0 * h / len(sim) for r, h in hits.items()}
 
 
-@pytest.mark.parametrize("k", [1, 4, 100])
-def test_rerank_retrieval_matches_brute_force(k):
+@pytest.mark.parametrize("k, tied", [(1, False), (4, False), (100, False), (3, True), (100, True)])
+def test_rerank_retrieval_matches_brute_force(k, tied):
+    # tied: three distinct image and caption features (cosines 0 or 1) and ITM scores rounded to 0.5 steps,
+    # so ties at the k-th ITC score and among the rescores, all going against the query
     ps, tok = FakePairSet("p", [1 + i % 4 for i in range(13)], {}), ToyTokenizer()
-    n, m = len(ps), len(ps.texts)
-    img, txt = rand_unit(n, 6, 2), rand_unit(m, 6, 3)
-    itm = torch.tensor([[score_alone(ToyFusion(), ps, tok, i, t) for t in range(m)] for i in range(n)])  # (n, m)
-    t2i = ps.txt2img
+    n, m, t2i, step = len(ps), len(ps.texts), ps.txt2img, 0.5 if tied else 0.0
+    if tied:
+        img, txt = (F.one_hot(torch.as_tensor(g) % 3, 6).float() for g in (range(n), t2i))
+    else:
+        img, txt = rand_unit(n, 6, 2), rand_unit(m, 6, 3)
+    itm = torch.tensor([[score_alone(ToyFusion(step=step), ps, tok, i, t) for t in range(m)] for i in range(n)])
     ref_i2t = reranked_recall(img @ txt.T, itm, [[t for t in range(m) if t2i[t] == i] for i in range(n)], k,
                               (1, 5, 10))
     ref_t2i = reranked_recall(txt @ img.T, itm.T, [[t2i[t]] for t in range(m)], k, (1, 5, 10))
     for model_cls, chunk in ((ToyFusion, 1024), (ToyFusionSplit, 1024), (ToyFusionSplit, 3)):
-        out = ev.rerank_retrieval(model_cls(), ps, img, txt, to_tensor, tok, "cpu", 16, k=k, chunk=chunk,
+        out = ev.rerank_retrieval(model_cls(step=step), ps, img, txt, to_tensor, tok, "cpu", 16, k=k, chunk=chunk,
                                   batch_size=8)
         for r in (1, 5, 10):
             assert out[f"i2t_R@{r}"] == pytest.approx(ref_i2t[r]), (model_cls, chunk, r)
             assert out[f"t2i_R@{r}"] == pytest.approx(ref_t2i[r]), (model_cls, chunk, r)
         assert out["rsum"] == pytest.approx(sum(ref_i2t.values()) + sum(ref_t2i.values()))
-    assert ref_i2t[1] != ev.retrieval_metrics(img, txt, t2i)["i2t_R@1"] or k == 1   # the reranking mattered
+    assert ref_i2t[1] != ev.retrieval_metrics(img, txt, t2i)["i2t_R@1"] or k == 1 or tied  # reranking mattered
+    if tied:   # rescored by the ITC cosine itself, the reranked order is the first stage's: the same ranks
+        sim, groups = img @ txt.T, (torch.arange(n), torch.as_tensor(t2i))
+        top = ev._against_query(sim, groups[0][:, None] == groups[1][None]).topk(min(k, m), dim=1).indices
+        again = ev._reranked_ranks(ev._sim_rows(img, txt, "i2t"), n, top, sim.gather(1, top), *groups, 4)
+        assert torch.equal(again, ev._ranks(img, txt, *groups, 4))
 
 
 def tiny_albef_model(split):

@@ -228,9 +228,11 @@ def test_compute_losses_adds_the_method_terms(method, extra, total):
 
 
 @pytest.mark.parametrize("method", list(METHODS))
-def test_plain_clip_is_refused(method, tmp_path):
-    with pytest.raises(ValueError, match="--plain-clip drops the augmented views"):
+def test_plain_clip_is_refused(method, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
         METHODS[method].main(tiny_args(tmp_path, "--plain-clip"))
+    assert e.value.code == 2 and "--plain-clip drops the augmented views" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())                          # refused before a run folder was made
 
 
 # ------------------------------------------------------------------ smoke runs + eval.py
