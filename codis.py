@@ -760,13 +760,13 @@ def main(argv=None):
     n_online, n_momentum = (sum(p.numel() for p in model.parameters() if p.requires_grad),
                             sum(p.numel() for p in model.momentum_parameters()))
     print_0(f"{script}: {n_online / 1e6:.2f}M trained parameters (+ {n_momentum / 1e6:.2f}M in the momentum "
-          f"copy), {len(train_set)} training images, {args.steps} steps of {args.batch_size} on {device} "
-          f"({args.precision}) -> {run_dir}")
+            f"copy), {len(train_set)} training images, {args.steps} steps of {args.batch_size} on {device} "
+            f"({args.precision}) -> {run_dir}")
     ckpt_path = os.path.join(run_dir, "checkpoint.pt")
     window = []  # each step's loss terms, kept on the device and checked (one sync) when logging or saving
 
     def check_finite():
-        window[:] = ev.mean_over_processes(window)  # K processes: the global batch's terms; a NaN anywhere stops all
+        window[:] = ev.mean_over_processes(window)  # K processes: the global batch's terms; a NaN stops all
         bad = window and first_non_finite(window, list(terms), step - len(window))
         if bad:
             kept = (f"the last good checkpoint {ckpt_path} is kept" if os.path.exists(ckpt_path)
@@ -1201,9 +1201,10 @@ def init_distributed(args, device):
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1, device
-    if args.batch_size % world:
+    if args.batch_size % world or args.batch_size < 2 * world:  # at least 2 pairs per process
         data.flag_error(f"--batch-size {args.batch_size} is the global batch: it must divide evenly over the "
-                        f"{world} processes (e.g. --batch-size {max(1, args.batch_size // world) * world})")
+                        f"{world} processes, at least 2 pairs each (e.g. --batch-size "
+                        f"{max(2, args.batch_size // world) * world})")
     if device.type == "cuda":
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)

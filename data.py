@@ -118,6 +118,10 @@ class DataArgs:
     allow_repeats: bool = False
     """allow a --batch-size larger than the training set (a batch then holds some images twice: false
     negatives for a contrastive loss)"""
+    synth_hard: bool = False
+    """synthetic: the harder variant, for long budgets where the default saturates: every object drawn at
+    SYNTH_HARD_SCALE of its size, and SYNTH_HARD_DISTRACTORS tiny unnamed objects (any shape and colour) under
+    the named ones; captions and labels unchanged (off: the default data, bit-identical)"""
 
 
 def _field_docs(cls) -> dict:
@@ -401,6 +405,8 @@ SYNTH_TEMPLATES_PAIR = ["a {np} {rel} a {np2}.", "a {np2} and a {np}.", "a {np} 
 SYNTH_PROMPTS = {"shape": ["a {}.", "a photo of a {}.", "a picture of a {}.", "there is a {}."],
                  "colour": ["a {} object.", "a photo of a {} thing.", "there is a {} object."]}
 SYNTH_SPLITS = {"train": None, "val": 1000, "test": 1000}
+# --synth-hard, fixed before any run on it: objects at 60% of their size, two unnamed distractors per image
+SYNTH_HARD_SCALE, SYNTH_HARD_DISTRACTORS = 0.6, 2
 _SHAPE_NAMES, _COLOUR_NAMES = list(SYNTH_SHAPES), list(SYNTH_COLOURS)
 _MATERIAL_NAMES, _POS_NAMES = list(SYNTH_MATERIALS), list(SYNTH_POSITIONS)
 
@@ -485,8 +491,11 @@ def _draw_shape(img, shape, cx, cy, r, fill, rot):
     img.paste(fill, mask=mask)
 
 
-def synth_render(a: dict, size: int, seed: int, split: str, index: int, texture_contrast: float) -> Image.Image:
-    """Draw the image of attributes `a` (the material is deliberately not drawn)."""
+def synth_render(a: dict, size: int, seed: int, split: str, index: int, texture_contrast: float,
+                 hard: bool = False) -> Image.Image:
+    """Draw the image of attributes `a` (the material is deliberately not drawn). hard: the --synth-hard
+    variant (smaller objects, unnamed distractors drawn from a random stream of their own, so that the
+    default images do not change)."""
     rng = random.Random(f"render-{seed}-{split}-{index}")
     S = 2 * size  # draw at 2x and downsample: cheap anti-aliasing
     base = rng.randint(95, 165)
@@ -516,7 +525,15 @@ def synth_render(a: dict, size: int, seed: int, split: str, index: int, texture_
         rgb = colorsys.hsv_to_rgb(h, min(1.0, sat * rng.uniform(0.85, 1.15)), rng.uniform(0.7, 1.0))
         return tuple(int(255 * v) for v in rgb)
 
-    r = SYNTH_SIZES[a["size"]][0] * S
+    scale = SYNTH_HARD_SCALE if hard else 1.0
+    if hard:  # distractors first, so the named objects are drawn over them
+        drng = random.Random(f"distract-{seed}-{split}-{index}")
+        for _ in range(SYNTH_HARD_DISTRACTORS):
+            hue = SYNTH_COLOURS[drng.choice(_COLOUR_NAMES)][0] / 360
+            fill = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, drng.uniform(0.5, 0.9), drng.uniform(0.7, 1.0)))
+            _draw_shape(img, drng.choice(_SHAPE_NAMES), drng.uniform(0.1, 0.9) * S, drng.uniform(0.1, 0.9) * S,
+                        SYNTH_SECOND_SIZE * scale * S, fill, drng.uniform(-0.3, 0.3))
+    r = SYNTH_SIZES[a["size"]][0] * scale * S
     # the main object sits in the half named by its position, the second one in the other half
     jit = lambda: rng.uniform(-0.06, 0.06) * S
     centre = {"left": (0.28, 0.5), "right": (0.72, 0.5), "top": (0.5, 0.28), "bottom": (0.5, 0.72)}
@@ -531,7 +548,8 @@ def synth_render(a: dict, size: int, seed: int, split: str, index: int, texture_
     if a["second"]:
         c2, s2 = a["second"]
         ox, oy = [v * S for v in centre[opposite[a["pos"]]]]
-        _draw_shape(img, s2, ox + jit(), oy + jit(), SYNTH_SECOND_SIZE * S, colour_of(c2), rng.uniform(-0.3, 0.3))
+        _draw_shape(img, s2, ox + jit(), oy + jit(), SYNTH_SECOND_SIZE * scale * S, colour_of(c2),
+                    rng.uniform(-0.3, 0.3))
     img = img.resize((size, size), Image.BILINEAR)
     # mild sensor noise so the texture is not trivially readable from a single pixel
     noise = torch.Generator().manual_seed(rng.getrandbits(62))
@@ -543,7 +561,7 @@ def synth_render(a: dict, size: int, seed: int, split: str, index: int, texture_
 class SynthPairSet(PairSet):
     """One split of the synthetic benchmark; images are drawn on the fly when loaded."""
 
-    def __init__(self, split, n, size=64, seed=0, texture_contrast=0.18):
+    def __init__(self, split, n, size=64, seed=0, texture_contrast=0.18, hard=False):
         attrs = [synth_attributes(seed, split, i) for i in range(n)]
         caps = [synth_captions(a, seed, split, i) for i, a in enumerate(attrs)]
         labels = {"shape": [_SHAPE_NAMES.index(a["shape"]) for a in attrs],
@@ -555,10 +573,11 @@ class SynthPairSet(PairSet):
                   "heldout": [int(a["heldout"]) for a in attrs]}
         super().__init__(f"synthetic-{split}", [(split, i) for i in range(n)], caps, labels)
         self.attrs, self.size, self.seed, self.texture_contrast = attrs, size, seed, texture_contrast
+        self.hard = hard
 
     def load_image(self, i):
         split, index = self.refs[i]
-        return synth_render(self.attrs[i], self.size, self.seed, split, index, self.texture_contrast)
+        return synth_render(self.attrs[i], self.size, self.seed, split, index, self.texture_contrast, self.hard)
 
     def subset(self, indices):
         idx = list(indices)
@@ -592,7 +611,8 @@ def synthetic_suite(args, split: str = "test", with_train: bool = True) -> tuple
     with_train=False skips building the training set (its first --probe-train images are built alone).
     """
     split = check_eval_split(split)
-    kw = dict(size=args.image_size, seed=args.data_seed, texture_contrast=args.synth_texture_contrast)
+    kw = dict(size=args.image_size, seed=args.data_seed, texture_contrast=args.synth_texture_contrast,
+              hard=getattr(args, "synth_hard", False))
     n_train = args.max_samples or args.synth_train
     train = SynthPairSet("train", n_train, **kw) if with_train else None
     val = SynthPairSet("val", SYNTH_SPLITS["val"], **kw)

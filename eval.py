@@ -51,8 +51,12 @@ Protocols
 
 CLI: `python eval.py RUN_DIR [RUN_DIR ...] [--plot] [--save] [--eval-split val] [--data karpathy --data-root DIR]`
 re-evaluates saved runs (data flags given override each run's saved ones) and prints one Markdown table.
-Checkpoints are read with torch.load(weights_only=True) (load_checkpoint): tensors and plain values only, so
-loading one, from anywhere, never runs code.
+`--clip NAME_OR_FOLDER` (a Hugging Face CLIP or SigLIP) and `--open-clip ARCH:PRETRAINED` (with open_clip_torch
+installed) add pretrained models to the same table, on the same protocols; `RUN_DIR --export DIR` writes a run
+as safetensors (a CLIPModel folder for a run started with --init-clip) instead of evaluating it
+(docs/pretrained.md). Checkpoints are read with torch.load(weights_only=True) (load_checkpoint): tensors and
+plain values only, so loading one, from anywhere, never runs code. Checkpoints are written by save_checkpoint
+(fsynced, atomic), and the torchrun helpers the trainers share are at the end of the checkpoint section.
 """
 from __future__ import annotations
 

@@ -117,26 +117,26 @@ ASSIGNMENTS = {a.key: a for a in [
         minutes=90, learning="codis", default_run="python codis.py"),
     Assignment(
         "A7", "Retrieval evaluation with several captions per image, with and without ITM reranking (eval.py)",
-        ("rank a query by the candidates scoring strictly above its best positive (ties go to the query)",
+        ("rank a query by the negatives scoring at least as high as its best positive (ties go against the query)",
          "count an image→text hit when any of the image's captions is in the top k",
          "rerank each query's top k by a second score without ever holding the full similarity matrix",
          "score each distinct (image, caption) pair once"),
-        (Function("eval._ranks", "rank of each query = number of candidates scoring strictly above its best "
-                                 "positive (same group id)"),
+        (Function("eval._ranks", "rank of each query = number of negatives scoring at least as high as its best "
+                                 "positive (same group id = positive)"),
          Function("eval.retrieval_metrics", "i2t_R@k, t2i_R@k = 100 · mean(rank < k), rsum = their sum"),
          Function("eval._reranked_ranks", "rank of the best positive in the order: the top k by rescore, then the "
-                                          "rest by first-stage score"),
+                                          "rest by first-stage score, a negative tied with a positive first"),
          Function("eval.rerank_retrieval", "each query's top k ITC candidates reordered by itm_score (each distinct "
                                            "pair scored once), then R@k and rsum as in retrieval_metrics")),
         minutes=90, default_run="python eval.py RUN_DIR"),
     Assignment(
         "A8", "Zero-shot classification: the prompt ensemble, top-k and balanced accuracy (eval.py)",
         ("build a zero-shot classifier by averaging normalized prompt features over templates",
-         "measure top-k accuracy with k clipped to the number of classes",
+         "measure top-k accuracy, a tie with the true class counting against it",
          "measure balanced accuracy: the mean recall over the classes present"),
         (Function("eval.zeroshot_classifier", "w_c = normalize(mean_t normalize(f(template_t.format(c))))"),
-         Function("eval.topk_accuracy", "top{k} = percent of rows whose true class is among the k largest "
-                                        "logits, k clipped to C"),
+         Function("eval.topk_accuracy", "top{k} = percent of rows with fewer than k other classes scoring at "
+                                        "least the true class's logit (a tie is not a hit)"),
          Function("eval.balanced_accuracy", "mean over the classes present of the recall, in percent")),
         minutes=45, default_run="python eval.py RUN_DIR"),
 ]}

@@ -1,9 +1,12 @@
-"""course/: blanking by `ast`, student copies without a solution anywhere, and the proof that the graders work: the
-blank copy scores zero with NotImplementedError reasons, the copy filled with the reference gets full marks, and
-every plausible wrong answer of course/mutants.py fails its grader (a mutation test, graded in-process; one
-student copy per assignment is shared by its mutants)."""
+"""course/: blanking by `ast`, student copies made from what is committed and holding no solution, and the proof
+that the graders work: the blank copy scores zero with NotImplementedError reasons, the copy filled with the
+reference gets full marks, every wrong answer of course/mutants.py (the kit's own and those written after the
+checks) fails its grader, every right answer written another way gets full marks, and every cheat scores zero
+for the functions it touches without ever making grade.py exit 0. The student's code runs in child processes
+(course/child.py); one child per assignment serves all of its versions (mutants.Batch)."""
 import ast
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -12,15 +15,21 @@ import pytest
 import torch
 
 from course.assignments import ASSIGNMENTS
-from course.grade import LEARNING_ROW, full_marks, grade
+from course.grade import LEARNING_ROW, definition, full_marks, grade
+from course.grade import main as grade_main
 from course.graders import CHECKS, LEARNING
 from course.loader import Copy
-from course.make_assignment import (ROOT, blank_source, comments_by_line, find_function, function_lines,
-                                    make_assignment, splice_function)
-from course.mutants import MUTANTS, filled_copy, kill, mutate
+from course.make_assignment import (ROOT, blank_plan, blank_source, comments_by_line, fill_functions,
+                                    find_function, function_lines, grade_commands, make_assignment,
+                                    splice_function)
+from course.make_assignment import main as make_main
+from course.mutants import (ALTERNATIVES, CHEATS, HIDDEN, MUTANTS, Batch, assignment_of, cheat_score,
+                            filled_copy, kill, mutate, right)
+from course.sandbox import Child
 from tiny import ONE_THREAD
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py
+SEED = 1   # the inputs' seed for the tests (grade.py draws a new one per grading)
 
 
 @pytest.fixture(scope="module")
@@ -28,21 +37,36 @@ def reference():
     return Copy(ROOT, "reference")
 
 
-_COPIES = {}
+_COPIES, _BATCHES = {}, {}
 
 
 @pytest.fixture(scope="module")
 def copies(tmp_path_factory):
-    """copies(key, kind) -> (folder, plan): the blank student copy, or the same copy filled with the reference;
-    written once per module."""
+    """copies(key, kind) -> (folder, plan): the blank student copy, or the same copy filled with the reference,
+    both made from the working tree (the reference the grader compares with); written once per module."""
     def get(key, kind):
         if (key, kind) not in _COPIES:
             folder = tmp_path_factory.mktemp(f"{key}-{kind}")
-            plan = filled_copy(key, folder) if kind == "filled" else make_assignment([key], folder, force=True)
-            _COPIES[key, kind] = folder, plan, Copy(folder, f"{kind}{key}")
+            plan = (filled_copy(key, folder) if kind == "filled"
+                    else make_assignment([key], folder, force=True, from_worktree=True))
+            _COPIES[key, kind] = folder, plan
         return _COPIES[key, kind]
     yield get
     _COPIES.clear()
+
+
+@pytest.fixture(scope="module")
+def batches(copies, reference):
+    """batches(key, kind) -> a mutants.Batch on the filled copy: 'versions' for the wrong and right answers,
+    'cheats' for the cheats (their tricks may leave the child's torch patched)."""
+    def get(key, kind="versions"):
+        if (key, kind) not in _BATCHES:
+            _BATCHES[key, kind] = Batch(key, copies(key, "filled")[0], reference)
+        return _BATCHES[key, kind]
+    yield get
+    for batch in _BATCHES.values():
+        batch.close()
+    _BATCHES.clear()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -62,6 +86,9 @@ def test_every_assignment_has_functions_checks_learning_and_eight_mutants():
         assert len(MUTANTS[key]) >= 8, key
         assert {m.function for m in MUTANTS[key]} <= set(a.names), key
         assert {m.function for m in MUTANTS[key]} == set(a.names), f"{key}: a mutant for every function"
+        assert HIDDEN[key] and ALTERNATIVES[key], f"{key}: wrong answers written after the checks, right answers"
+        assert {m.function for m in HIDDEN[key] + ALTERNATIVES[key]} <= set(a.names), key
+    assert {assignment_of(c.function) for c in CHEATS} >= {"A1", "A2", "A3", "A4", "A7", "A8"}
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -146,7 +173,7 @@ def solution_lines(source, qualname):
 
 @pytest.mark.parametrize("key", list(ASSIGNMENTS))
 def test_student_copy_holds_no_solution(key, copies):
-    folder, plan, _ = copies(key, "blank")
+    folder, plan = copies(key, "blank")
     names = {p.relative_to(folder).as_posix() for p in folder.rglob("*")}
     assert not any(n.split("/")[0] in (".git", "course", "bench.py") for n in names), "never shipped"
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)
@@ -167,7 +194,8 @@ def test_student_copy_holds_no_solution(key, copies):
 
 
 def test_blank_copy_runs_and_blanked_functions_fail_loudly(copies):
-    folder, _, s = copies("A3", "blank")
+    folder, _ = copies("A3", "blank")
+    s = Copy(folder, "blankA3")        # the student's modules, imported here by the test (not by the grader)
     assert s.bridge.pad_cat(torch.tensor([[2, 7]]), torch.tensor([[2, 7, 3]])).tolist() == [[2, 7, 0], [2, 7, 3]]
     with pytest.raises(NotImplementedError, match=r"A3: write bridge.loss_bridge: μ = \(t z_V"):
         s.bridge.loss_bridge(*torch.eye(3).split(1), 0.25)
@@ -179,7 +207,8 @@ def test_blank_copy_runs_and_blanked_functions_fail_loudly(copies):
 
 
 def test_a_duplicate_of_a_graded_function_is_blanked_too(copies):
-    _, plan, s = copies("A1", "blank")
+    folder, plan = copies("A1", "blank")
+    s = Copy(folder, "blankA1")
     assert {name for name, blanks in plan.items() if "nce" in blanks} == {"clip_base.py", "sep.py", "bridge.py",
                                                                          "geocons.py"}
     with pytest.raises(NotImplementedError, match="write clip_base.nce first, then the same code here"):
@@ -187,12 +216,12 @@ def test_a_duplicate_of_a_graded_function_is_blanked_too(copies):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# grading: zero for the blank copy, full marks for the reference, every mutant rejected
+# grading: zero for the blank copy, full marks for the reference and the right answers, every mutant rejected
 # ------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("key", list(ASSIGNMENTS))
 def test_blank_copy_gets_zero_with_not_implemented_reasons(key, copies, reference):
-    _, _, s = copies(key, "blank")
-    results = grade(key, s, reference)
+    folder, _ = copies(key, "blank")
+    results = grade(key, folder, reference, seed=SEED)
     assert results and sum(x.points for x in results) == 0
     assert {x.function for x in results} == set(ASSIGNMENTS[key].names) | ({LEARNING_ROW} if
                                                                            ASSIGNMENTS[key].learning else set())
@@ -202,20 +231,59 @@ def test_blank_copy_gets_zero_with_not_implemented_reasons(key, copies, referenc
 
 @pytest.mark.parametrize("key", list(ASSIGNMENTS))
 def test_copy_filled_with_the_reference_is_the_reference_and_gets_full_marks(key, copies, reference):
-    folder, plan, s = copies(key, "filled")
+    folder, plan = copies(key, "filled")
     for name in plan:
         assert (folder / name).read_text() == (ROOT / name).read_text(), name
-    results = grade(key, s, reference)
+    printed = []
+    results = grade(key, folder, reference, output=printed)      # as grade.py runs it: new children, new seed
     assert full_marks(results), [(x.function, x.check, x.reason) for x in results if not x.passed]
 
 
-@pytest.mark.parametrize("key, index", [(k, i) for k, ms in MUTANTS.items() for i in range(len(ms))],
-                         ids=[f"{k}-{m.function}-{i}" for k, ms in MUTANTS.items() for i, m in enumerate(ms)])
-def test_every_mutant_fails_its_grader(key, index, copies, reference):
+def _ids(cases):
+    return [f"{k}-{m.function}-{i}" for k, ms in cases.items() for i, m in enumerate(ms)]
+
+
+def _pairs(cases):
+    return [(k, i) for k, ms in cases.items() for i in range(len(ms))]
+
+
+@pytest.mark.parametrize("key, index", _pairs(MUTANTS), ids=_ids(MUTANTS))
+def test_every_mutant_fails_its_grader(key, index, batches):
     mutant = MUTANTS[key][index]
-    _, _, base = copies(key, "filled")
-    killed, why = kill(key, base, reference, mutant)
+    killed, why = kill(batches(key), mutant)
     assert killed, f"{key}: the wrong answer '{mutant.mistake}' in {mutant.function} got full marks"
+
+
+# the kind of each mistake written after the checks -> a word of the check that must fail for it
+NAMED = {"partial detach": "gradient", "wrong dtype path": "bf16", "mirrored tie order": "ties",
+         "mirrored tie rule": "ties", "first k instead of a random subset": "random", "off by ε": "ε",
+         "ignored argument": ""}
+
+
+@pytest.mark.parametrize("key, index", _pairs(HIDDEN), ids=_ids(HIDDEN))
+def test_every_mistake_written_after_the_checks_fails_the_check_that_names_it(key, index, batches):
+    mistake = HIDDEN[key][index]
+    results = batches(key).grade(mistake.function, mistake.source, learning=False, seed=SEED)
+    failed = [x.check for x in results if not x.passed]
+    assert failed, f"{key}: the wrong answer '{mistake.what}' in {mistake.function} got full marks"
+    word = NAMED[mistake.what.split(":")[0]]
+    assert any(word in check for check in failed), (mistake.what, failed)
+
+
+@pytest.mark.parametrize("key, index", _pairs(ALTERNATIVES), ids=_ids(ALTERNATIVES))
+def test_every_right_answer_written_another_way_gets_full_marks(key, index, batches):
+    alternative = ALTERNATIVES[key][index]
+    fine, failed = right(batches(key), alternative)
+    assert fine, (alternative.what, [(x.check, x.reason) for x in failed])
+
+
+@pytest.mark.parametrize("index", range(len(CHEATS)), ids=[c.what[:40] for c in CHEATS])
+def test_every_cheat_scores_zero_for_the_function_it_touches(index, batches):
+    cheat = CHEATS[index]
+    points, results = cheat_score(batches(assignment_of(cheat.function), "cheats"), cheat, timeout=2,
+                                  total_timeout=6)
+    assert results and points == 0, [(x.check, x.reason) for x in results if x.passed]
+    assert sum(x.seconds for x in results) < 15
 
 
 def test_mutate_edits_only_its_function_and_reports_outdated_edits():
@@ -230,13 +298,14 @@ def test_mutate_edits_only_its_function_and_reports_outdated_edits():
         mutate(source, type(m)(m.function, "stale", (("no such code", "x"),)))
 
 
-def test_a_wrong_answer_costs_only_its_own_points(copies, reference):
+def test_a_wrong_answer_costs_only_its_own_points(batches, reference):
     """A mutant of loss_ortho loses loss_ortho's points; L_Sep's other functions are graded with the reference's
-    loss_ortho (grade.py patches it in), so they keep theirs."""
-    _, _, base = copies("A2", "filled")
+    loss_ortho (grade.py sends it to the child), so they keep theirs."""
+    batch = batches("A2")
     m = next(m for m in MUTANTS["A2"] if m.function == "sep.loss_ortho")
-    mutated = base.with_source("sep", mutate((base.root / "sep.py").read_text(), m))
-    results = grade("A2", mutated, reference, learning=False)
+    source = definition(mutate((batch.folder / "sep.py").read_text(), m), "loss_ortho")
+    with batch.replaced("sep.loss_ortho", source):
+        results = grade("A2", batch.folder, reference, learning=False, seed=SEED, child=batch.child)
     assert {x.function for x in results if not x.passed} == {"sep.loss_ortho"}
 
 
@@ -248,40 +317,110 @@ def test_a_wrong_answer_costs_only_its_own_points(copies, reference):
     ("no gradient at all: the loss is constant", 'terms["loss"] = terms["con"] + args.bridge_weight * terms["bridge"]',
      'terms["loss"] = (terms["con"] + args.bridge_weight * terms["bridge"]).detach().requires_grad_()',
      "did not fall")])
-def test_learning_check_catches_a_broken_training_step(mistake, old, new, reason, copies, reference):
+def test_learning_check_catches_a_broken_training_step(mistake, old, new, reason, batches, reference):
     """Mistakes outside the graded functions (here bridge.compute_losses) that only training reveals."""
-    _, _, base = copies("A3", "filled")
-    broken = base.with_source("bridge", mutate((base.root / "bridge.py").read_text(),
-                                               type(MUTANTS["A3"][0])("bridge.compute_losses", mistake, ((old, new),))))
-    results = grade("A3", broken, reference, functions=["bridge.loss_bridge"], learning=True)
+    batch = batches("A3")
+    broken = type(MUTANTS["A3"][0])("bridge.compute_losses", mistake, ((old, new),))
+    source = definition(mutate((batch.folder / "bridge.py").read_text(), broken), "compute_losses")
+    with batch.replaced("bridge.compute_losses", source):
+        results = grade("A3", batch.folder, reference, functions=["bridge.loss_bridge"], learning=True, seed=SEED,
+                        child=batch.child)
     assert [x.function for x in results if not x.passed] == [LEARNING_ROW], mistake
     assert reason in results[-1].reason, results[-1].reason
 
 
-def test_a_file_that_does_not_import_scores_zero_with_the_reason(copies, reference):
-    _, _, base = copies("A3", "filled")
-    broken = base.with_source("bridge", (base.root / "bridge.py").read_text() + "\ndef oops(:\n")
-    results = grade("A3", broken, reference)
+def test_a_file_that_does_not_import_scores_zero_with_the_reason(copies, reference, tmp_path):
+    folder = tmp_path / "broken"
+    shutil.copytree(copies("A3", "filled")[0], folder)
+    (folder / "bridge.py").write_text((folder / "bridge.py").read_text() + "\ndef oops(:\n")
+    child = Child(folder)
+    try:
+        results = grade("A3", folder, reference, seed=SEED, child=child)
+    finally:
+        child.close()
     assert sum(x.points for x in results) == 0 and all("SyntaxError" in x.reason for x in results)
+
+
+def test_a_copy_of_several_assignments_grades_each_with_the_others_from_the_reference(tmp_path, reference):
+    """A5 and A6 blanked in one copy; only A6's functions written: A6 gets full marks, its learning check
+    included, although codis.py's copies of A5's functions are still blank."""
+    folder = tmp_path / "a5a6"
+    plan = make_assignment(["A5", "A6"], folder, from_worktree=True)
+    assert "write albef_fusion.momentum_update first" in (folder / "codis.py").read_text()
+    assert "A6: write codis.loss_code" in (folder / "codis.py").read_text()
+    fill_functions(folder, blank_plan(ASSIGNMENTS["A6"].functions))
+    assert any("momentum_update" in blanks for blanks in plan.values())
+    results = grade("A6", folder, reference, seed=SEED)
+    assert full_marks(results), [(x.function, x.check, x.reason) for x in results if not x.passed]
 
 
 # ------------------------------------------------------------------------------------------------------------
 # the command lines, as an instructor runs them
 # ------------------------------------------------------------------------------------------------------------
-def test_cli_make_and_grade(tmp_path):
+def _run(*argv, timeout=300):
+    return subprocess.run([sys.executable, *argv], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=ONE_THREAD)
+
+
+def test_cli_make_and_grade_with_the_printed_command(tmp_path, capsys):
     out = tmp_path / "student"
-    made = subprocess.run([sys.executable, "course/make_assignment.py", "bridge.loss_bridge", "--out", str(out)],
-                          cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    made = _run("course/make_assignment.py", "bridge.loss_bridge", "--out", str(out), "--from-worktree")
     assert made.returncode == 0, made.stderr
     assert "bridge.py: blanked loss_bridge" in made.stdout and not (out / "course").exists()
-    graded = subprocess.run([sys.executable, "course/grade.py", "A3", str(out), "--only", "bridge.loss_bridge",
-                             "--json", str(tmp_path / "m.json")],
-                            cwd=ROOT, capture_output=True, text=True, timeout=300, env=ONE_THREAD)
-    assert graded.returncode == 1, graded.stderr          # not full marks
-    assert "bridge.loss_bridge" in graded.stdout and "FAIL" in graded.stdout and "not implemented yet" in graded.stdout
+    command = next(line.split() for line in made.stdout.splitlines() if "course/grade.py" in line)
+    assert command[:4] == ["python", "course/grade.py", "A3", str(out)]
+    assert grade_main([*command[2:], "--json", str(tmp_path / "m.json"), "--seed", str(SEED)]) == 1
+    printed = capsys.readouterr().out                     # not full marks
+    assert "bridge.loss_bridge" in printed and "FAIL" in printed and "not implemented yet" in printed
     marks = json.loads((tmp_path / "m.json").read_text())
     assert marks["points"] == 0 and marks["max_points"] == len(marks["results"]) > 1
     with pytest.raises(SystemExit, match="not empty"):
-        make_assignment(["A3"], out)
+        make_assignment(["A3"], out, from_worktree=True)
     with pytest.raises(SystemExit, match="inside the project"):
-        make_assignment(["A3"], ROOT / "docs" / "student")
+        make_assignment(["A3"], ROOT / "docs" / "student", from_worktree=True)
+
+
+def test_grade_commands_for_every_way_a_copy_is_made(capsys):
+    assert grade_commands(["A1", "A2"], "D") == ["python course/grade.py A1 D", "python course/grade.py A2 D"]
+    assert grade_commands(["sep.loss_ortho", "sep.loss_uni"], "D") == [
+        "python course/grade.py A2 D --only sep.loss_ortho sep.loss_uni"]
+    assert grade_commands(["A1", "clip_base.nce", "bridge.pad_cat"], "D")[1:] == [
+        "(no grader for bridge.pad_cat: not part of any assignment in course/assignments.py)"]
+    for main in (make_main, grade_main):
+        with pytest.raises(SystemExit):
+            main(["--help"])
+        helped = capsys.readouterr().out
+        assert all(key in helped for key in ASSIGNMENTS), helped
+
+
+def test_a_copy_is_made_from_the_last_commit_and_refuses_untracked_files(tmp_path):
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(ROOT), str(clone)], check=True, timeout=120)
+    (clone / "solutions.ipynb").write_text("{}")
+    with pytest.raises(SystemExit, match="solutions.ipynb"):
+        make_assignment(["A3"], tmp_path / "refused", root=clone)
+    assert not (tmp_path / "refused").exists()
+    make_assignment(["A3"], tmp_path / "committed", root=clone, ref="HEAD")
+    assert not (tmp_path / "committed" / "solutions.ipynb").exists()
+    assert (tmp_path / "committed" / "bridge.py").read_text() == blank_source(
+        subprocess.run(["git", "-C", str(clone), "show", "HEAD:bridge.py"], capture_output=True, text=True,
+                       check=True).stdout, blank_plan(ASSIGNMENTS["A3"].functions, clone, "A3")["bridge.py"])
+
+
+def test_a_cheat_that_prints_a_verdict_and_exits_0_gets_exit_1_and_zero(copies, tmp_path):
+    """grade.py as a command, on a folder whose loss_gc_aug prints a full-marks table and calls os._exit(0)."""
+    folder = tmp_path / "cheat"
+    shutil.copytree(copies("A4", "filled")[0], folder)
+    cheat = next(c for c in CHEATS if "os._exit(0)" in c.what)
+    text = (folder / "geocons.py").read_text()
+    start, end = function_lines(text, "loss_gc_aug")
+    lines = text.splitlines(keepends=True)
+    (folder / "geocons.py").write_text("".join(lines[:start - 1]) + cheat.source + "".join(lines[end:]))
+    graded = _run("course/grade.py", "A4", str(folder), "--only", "geocons.loss_gc_aug", "--timeout", "5",
+                  "--total-timeout", "12", "--seed", str(SEED))
+    assert graded.returncode == 1, graded.stdout
+    verdict = graded.stdout.split("the grader's verdict follows ----", 1)[1]
+    assert "total 15/15" not in verdict and "total 0/4" in verdict
+    assert "exited with status 0 before answering" in verdict
+    assert all(line.startswith("  | ") for line in graded.stdout.split("verdict) ----\n", 1)[1].split(
+        "\n---- end")[0].splitlines())
