@@ -2,6 +2,7 @@
 
     features OUT           every method's loss functions on this process's slice of fixed features: saves the
                            losses and the gradients (inputs and parameters) to OUT/rank{R}.pt
+    train-unsynced ...     the same without DistributedDataParallel: the processes' weights drift apart
     train SCRIPT OUT ARGS  SCRIPT.main(ARGS) with BatchNorm statistics and BERT's dropout switched off (so that the one-process
                            and the K-process runs see the same numbers), then saves this process's weights to
                            OUT/weights{R}.pt
@@ -78,8 +79,10 @@ def main():
         torch.save(evaluate_cases(dist.get_rank(), dist.get_world_size()),
                    os.path.join(sys.argv[2], f"rank{dist.get_rank()}.pt"))
         dist.destroy_process_group()
-    elif mode == "train":
+    elif mode in ("train", "train-unsynced"):
         import importlib
+        if mode == "train-unsynced":      # the trap: no DDP, so each process keeps its own gradients
+            torch.nn.parallel.DistributedDataParallel = lambda module, *a, **k: module
         script, out = importlib.import_module(sys.argv[2]), sys.argv[3]
         # BatchNorm's affine part only (no batch statistics) and no dropout: the same numbers on 1 and K processes
         torch.nn.BatchNorm2d.forward = lambda self, x: x * self.weight[:, None, None] + self.bias[:, None, None]

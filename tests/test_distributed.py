@@ -96,6 +96,14 @@ def test_every_script_trains_under_torchrun_as_one_run(script, tmp_path, clip_tw
     assert len(saved["rng_ranks"]) == 2
 
 
+def test_unsynchronized_gradients_are_caught(tmp_path):
+    """Without DDP each process follows its own gradients: the end-of-training check stops the run."""
+    (tmp_path / "w").mkdir()
+    p = torchrun(WORKER, "train-unsynced", "clip_base", tmp_path / "w", *argv_of("clip_base", tmp_path / "runs"),
+                 check=False)
+    assert p.returncode != 0 and "their gradients were not synchronized" in p.stdout + p.stderr
+
+
 def test_first_logged_loss_on_two_processes_equals_one_process(tmp_path, clip_two):
     subprocess.run([sys.executable, WORKER, "train", "clip_base", tmp_path,
                     *map(str, argv_of("clip_base", tmp_path / "runs"))],

@@ -19,6 +19,7 @@ import eval as ev
 from tiny import ONE_THREAD, ROOT, run_dir_of, tiny_albef, tiny_args
 
 SCRIPTS = ["clip_base", "sep", "bridge", "geocons", "albef_fusion", "codis"]
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: tiny runs gain nothing from more threads
 
 
 def exit_of(call, capsys):
