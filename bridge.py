@@ -23,7 +23,7 @@ Brownian bridge (inter-modality regularization, Jiang et al. 2023). The augmente
 stay on a path from z_V to z_T: a Brownian bridge p(z_V^a | z_V, z_T) = N(z_V^a; μ(z_V, z_T, t), t(1−t) I)
 whose mean, projected on the sphere, is
 
-    μ(z_V, z_T, t) = (t z_V + (1−t) z_T) / ‖t z_V + (1−t) z_T‖   t = 0.25 (the paper's) or t ~ U(0,1) per pair
+    μ(z_V, z_T, t) = (t z_V + (1−t) z_T) / ‖t z_V + (1−t) z_T‖   t = 0.25 (ours) or t ~ U(0,1) per pair
     L_Br = 1/N Σ_j ‖z_Vj^a − μ_j‖²                                 L = L_con + w·L_Br    (w = --bridge-weight:
                                                                    ours 0.3, the paper's plain sum 1)
 
@@ -142,7 +142,7 @@ class Args(data.DataArgs):  # the data flags (--data, --data-root, --image-size,
     """w in L = L_con + w·L_Br (0.3: chosen on the validation split, docs/results.md; the paper gives no
     weight, i.e. the plain sum: --bridge-weight 1)"""
     bridge_t: float = 0.25
-    """t of the bridge mean μ = norm(t z_V + (1−t) z_T) (0.25: the paper's fixed choice)"""
+    """t of the bridge mean μ = norm(t z_V + (1−t) z_T) (0.25: this project's fixed choice; the paper prints no t)"""
     bridge_random_t: bool = False
     """draw t ~ U(0, 1) for each pair at each step instead of the fixed --bridge-t"""
 
@@ -260,7 +260,7 @@ def compute_losses(model, batch, args):
         f, f_a = {k: v[:n] for k, v in both.items()}, {k: v[n:] for k, v in both.items()}
     terms = loss_con(f, f_a, model.logit_scale, args.plain_clip)
     with torch.autocast(f["v"].device.type, enabled=False):  # the method's term in fp32 (matmuls too)
-        # t: the paper's fixed 0.25, or one t ~ U(0, 1) per pair                  float or (N, 1)
+        # t: a fixed 0.25 (ours), or one t ~ U(0, 1) per pair                  float or (N, 1)
         t = torch.rand(n, 1, device=f["v"].device) if args.bridge_random_t else args.bridge_t
         # L_Br = 1/N Σ_j ‖z_Vj^a − μ(z_Vj, z_Tj, t)‖²
         terms["bridge"] = loss_bridge(f_a["v"], f["v"], f["t"], t)
