@@ -74,15 +74,18 @@ def test_the_harder_variant_changes_the_images_only(tmp_path):
 
 def test_fresh_runs_the_450_step_rows_on_seeds_4_to_6_or_the_rows_asked_for(monkeypatch, capsys):
     calls = []
-    monkeypatch.setattr(reproduce, "experiment", lambda name, flags, seeds, methods, show: calls.append(
+    monkeypatch.setattr(reproduce, "experiment", lambda name, flags, seeds, methods, show=True: calls.append(
         (name, seeds, sorted(reproduce.exp_of(e) for _, e in methods.values()))))
     monkeypatch.setattr(reproduce, "load_records", lambda experiment: {})
-    for argv in (["fresh"], ["fresh", "--seeds", "7", "8", "--rows", "Sep", "L_con"]):
+    for argv in (["fresh"], ["fresh", "--seeds", "7", "8", "--rows", "Sep", "L_con"],
+                 ["synthetic", "--seeds", "4", "--rows", "Sep", "Br", "GC"], ["budget-hard", "--seeds", "6", "--rows", "CLIP"]):
         monkeypatch.setattr(reproduce.sys, "argv", ["reproduce.py", *argv])
         reproduce.main()
     assert calls == [("budget", [4, 5, 6], ["bridge_s450", "clip_base_s450", "clip_plain_s450", "geocons_s450",
                                             "sep_s450"]),
-                     ("budget", [7, 8], ["clip_base_s450", "sep_s450"])]
+                     ("budget", [7, 8], ["clip_base_s450", "sep_s450"]),
+                     ("synthetic", [4], ["bridge", "geocons", "sep"]),
+                     ("budget-hard", [6], ["clip_plain_hard_s1800"])]
 
 
 def test_budget_and_transfer_rename_every_run():
@@ -177,7 +180,7 @@ def test_load_records_prefers_run_folders_and_claims_use_fresh_seeds_only(tmp_pa
     write_record(records / "budget", "sep_s450", 1, {"zeroshot/shape/top1": 3.0})
     runs = reproduce.load_records("budget", str(results), str(records))
     assert runs == {"sep_s450": {4: {"zeroshot/shape/top1": 2.0}, 1: {"zeroshot/shape/top1": 3.0}}}
-    assert reproduce.fresh_values(runs, "sep_s450", "zero-shot") == {4: 2.0}        # seed 1 chose the weights
+    assert reproduce.fresh_values(runs["sep_s450"], "zero-shot") == {4: 2.0}        # seed 1 chose the weights
 
 
 def test_probe_and_zero_shot_metrics_of_the_claims():
@@ -215,13 +218,40 @@ def test_claims_cells_from_records(tmp_path):
         return next(line for line in lines if line.startswith(f"| {claim}")).split(" | ")[column]
     # 62 - 51 = 11, se = sqrt(2/3), df 4: the interval 11 ± 2.7764 × 0.8165 = [8.7, 13.3]; p < 0.001
     assert cell("Sep beats CLIP on zero-shot").startswith("holds, Holm ✓: +11.0 [+8.7, +13.3], p = 0.000")
-    assert cell("Sep beats CLIP on zero-shot", 2).startswith("missing: `synthetic --seeds 4 5 6`")
+    assert cell("Sep beats CLIP on zero-shot", 2).startswith("missing: `synthetic --seeds 4 5 6 --rows Sep Br GC`")
     assert cell("GC is best on zero-shot").startswith("reversed, Holm ✓: -25.0")       # behind L_con, the strongest
     # Br vs L_con on the gap: 0.09 vs 0.20 with identical spreads: Δ = -0.11
     assert cell("Br closes the modality gap").startswith("holds, Holm ✓: -0.11 [")
     assert any(line.startswith("**Source: synthetic, 450 steps, validated weights**") for line in lines)
     assert "| Sep | 4,5,6 | 62.0 ± 1.0 |" in "\n".join(lines)
     assert not any("synthetic, 450 steps, validated weights: missing" in line for line in lines)
+
+
+def test_the_weight_1_column_shares_the_runs_of_the_rows_without_a_weight(tmp_path):
+    """CLIP and L_con have no regularizer weight: the weight-1 column reads their 450-step validated runs, which
+    are the same command (the flags but the run's name are equal, --steps 450 being the scripts' default)."""
+    import clip_base
+    strip = lambda extra: [f for i, f in enumerate(extra) if "--exp-name" not in extra[max(i - 1, 0):i + 1]]
+    for row, (experiment, suffix) in reproduce.SAME_AS_450.items():
+        exp = reproduce.CLAIM_METHODS[row]
+        weight_1 = next(v for v in reproduce.METHODS.values() if reproduce.exp_of(v[1]) == exp)
+        validated = next(v for v in reproduce.FRESH.values() if reproduce.exp_of(v[1]) == exp + suffix)
+        assert experiment == "budget" and weight_1[0] == validated[0] == "clip_base.py"
+        assert strip(validated[1]) == [*strip(weight_1[1]), "--steps", str(clip_base.Args().steps)]
+    records = tmp_path / "records"
+    fresh_budget(records)
+    for exp, values in {"sep": (70, 71, 72), "bridge": (60, 61, 62), "geocons": (30, 31, 32)}.items():
+        for seed, v in zip((4, 5, 6), values):
+            write_record(records / "synthetic", exp, seed, {**metrics(v, 90, v, v, 300), "probe/shape/z/acc": v,
+                                                           "probe/colour/z/acc": 90, "probe/texture/z/acc": 30,
+                                                           "probe/texture/z+zi/acc": v})
+    report = reproduce.claims_report(str(tmp_path / "none"), str(records))
+    row = next(line for line in report.splitlines() if line.startswith("| Sep beats CLIP on zero-shot"))
+    assert row.split(" | ")[2].startswith("holds, Holm ✓: +20.0 [")           # 71 against CLIP's 450-step 51
+    row = next(line for line in report.splitlines() if line.startswith("| GC beats the L_con"))
+    assert row.split(" | ")[2].startswith("reversed, Holm ✓: -36.0 [")         # 31 against L_con's 67
+    assert "CLIP, L_con: the same runs as in `docs/records/budget`" in report
+    assert "weight 1 (the paper gives none); GC at CyCLIP's λ: missing" not in report
 
 
 def test_a_missing_run_leaves_its_cells_missing_and_names_it(tmp_path):
@@ -259,3 +289,13 @@ def test_transfer_table_names_the_photo_classes_generically(tmp_path):
     # mean ± std of (20, 30) and (40, 50): 25 ± 7.07 and 45 ± 7.07; no zero-shot top-3 in these runs
     assert row == ("| OURS_Sep, validated default, minilm text | 2 | 25.00 ± 7.07 | – | – | 45.00 ± 7.07 | "
                    "46.00 ± 7.07 | 50.00 ± 0.00 | – |")
+
+
+def test_the_published_claims_are_what_the_records_give(tmp_path):
+    """Every claims table in docs/ is exactly what `claims` computes from the versioned run records: no cell
+    typed by hand, none left stale after a record was added."""
+    for only, page in reproduce.CLAIM_PAGES.items():
+        text = (ROOT / "docs" / page).read_text(encoding="utf-8")
+        start = f"<!-- claims{' ' + only if only else ''} -->\n"
+        published = text[text.index(start) + len(start):text.index("<!-- /claims -->")]
+        assert published == reproduce.claims_report(str(tmp_path / "no runs"), only=only) + "\n", page
