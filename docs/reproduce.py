@@ -650,16 +650,15 @@ def source_table(setting, results=None, records=None):
     over them of each metric (probes per attribute, on z and on [z, z^i])."""
     title, experiment, _, _, elsewhere = setting
     runs = setting_runs(setting, results, records)
-    rows = []
+    rows = []  # [method, seeds, cell of each SOURCE_COLUMNS entry]
     for k in CLAIM_METHODS:
         cols = [fresh_values(runs[k], spec, f) for _, spec, f in SOURCE_COLUMNS]
         seeds = sorted(set().union(*map(set, cols)))
-        rows.append(f"| {k} | {','.join(map(str, seeds)) or '–'} | " + " | ".join(
-            cell(list(v.values()), 2 if spec == "gap" else 1) for v, (_, spec, _) in zip(cols, SOURCE_COLUMNS)) + " |")
-    keep = [i for i in range(len(SOURCE_COLUMNS)) if any(r.split(" | ")[2 + i] != "–" for r in rows)] or []
+        rows.append([k, ",".join(map(str, seeds)) or "–",
+                     *[cell(list(v.values()), 2 if spec == "gap" else 1) for v, (_, spec, _) in zip(cols, SOURCE_COLUMNS)]])
+    keep = [i for i in range(len(SOURCE_COLUMNS)) if any(r[2 + i] != "–" for r in rows)]  # columns with a value
     head = ["method", "seeds", *[SOURCE_COLUMNS[i][0] for i in keep]]
-    body = ["| " + " | ".join([r.strip("| ").split(" | ")[0], r.strip("| ").split(" | ")[1],
-                               *[r.strip("| ").split(" | ")[2 + i] for i in keep]]) + " |" for r in rows]
+    body = ["| " + " | ".join([*r[:2], *[r[2 + i] for i in keep]]) + " |" for r in rows]
     where = f"`docs/records/{experiment}`" + "".join(
         f"; {', '.join(k for k in elsewhere if elsewhere[k] == src)}: the same runs as in `docs/records/{src[0]}`"
         for src in sorted(set(elsewhere.values())))
