@@ -777,19 +777,21 @@ def minilm_flags():
     return ["--text-model", path, "--tokenizer", path]
 
 
-def transfer(data_root, classify_root, text, seeds):
+def transfer(data_root, classify_root, text, seeds, rows=None):
     """Train on the Flickr8k photos, then zero-shot (top-1/3/5) and a linear probe on an ImageFolder of
     CIFAR-10 photos (`--classify folder=DIR`: a fixed 60/20/20 split per class). text: "scratch" (the small
-    text encoder, vocabulary from the captions) or "minilm" (all-MiniLM-L6-v2, pretrained, offline)."""
+    text encoder, vocabulary from the captions) or "minilm" (all-MiniLM-L6-v2, pretrained, offline). rows:
+    only these two-tower claims rows, and then no fusion run (the claims compare the two-tower methods only)."""
     extra = [] if text == "scratch" else minilm_flags()
     common = ["--data-root", data_root, "--classify", f"folder={classify_root}", *extra]
     two_tower = {f"{label}, {text} text": (script, renamed(flags, f"_{text}"))
                  for label, (script, flags) in {"CLIP (2-term)": METHODS["CLIP (2-term)"], **VALIDATED}.items()}
     # the fusion scripts split a pretrained BERT: its first 3 layers encode text, the other 3 fuse
     fusion = {f"{label}, {text} text": (script, renamed(flags, f"_{text}")) for label, (script, flags) in FUSION.items()}
-    experiment("transfer", [*FLICKR, *common], seeds, two_tower, show=False)
-    experiment("transfer", [*FLICKR_FUSION, *common, *(["--text-layers", "3"] if extra else [])], seeds, fusion,
-               show=False)
+    experiment("transfer", [*FLICKR, *common], seeds, only_rows(two_tower, rows, f"_{text}"), show=False)
+    if not rows:
+        experiment("transfer", [*FLICKR_FUSION, *common, *(["--text-layers", "3"] if extra else [])], seeds, fusion,
+                   show=False)
     return transfer_table(os.path.join(ROOT, "runs", "results", "transfer"))
 
 
@@ -897,8 +899,8 @@ def main():
     p.add_argument("--sweep", choices=list(SWEEPS), default="gc", help="sweep-table: which regularizer's sweep")
     p.add_argument("--method", choices=["Sep", "Br", "GC"], help="claims: one method's rows")
     p.add_argument("--rows", nargs="+", choices=list(CLAIM_METHODS),
-                   help="synthetic, selected/fresh, budget-hard: only these methods' runs (more seeds where a "
-                        "verdict is close)")
+                   help="synthetic, selected/fresh, budget-hard, transfer: only these methods' runs (more seeds where "
+                        "a verdict is close; transfer then runs no fusion script)")
     p.add_argument("--write", action="store_true", help="claims: rewrite the tables in docs/ (results, methods)")
     p.add_argument("--classify-root", default="", help="transfer: an ImageFolder of CIFAR-10 photos")
     p.add_argument("--text", choices=["scratch", "minilm"], default="scratch", help="transfer: the text tower")
@@ -949,7 +951,7 @@ def main():
     elif a.what == "transfer-table":
         print(transfer_table(a.folder or os.path.join(ROOT, "runs", "results", "transfer")))
     elif a.what == "transfer":
-        print(transfer(a.data_root, a.classify_root, a.text, a.seeds))
+        print(transfer(a.data_root, a.classify_root, a.text, a.seeds, a.rows))
     elif a.what == "record":  # the finished runs of runs/results/* into docs/records/
         for folder in sorted(glob.glob(os.path.join(ROOT, "runs", "results", "*"))):
             for d in record_all(folder):

@@ -72,20 +72,27 @@ def test_the_harder_variant_changes_the_images_only(tmp_path):
     assert len(flags) == 5 and all("--synth-hard" in e and e[e.index("--steps") + 1] == "1800" for e in flags.values())
 
 
-def test_fresh_runs_the_450_step_rows_on_seeds_4_to_6_or_the_rows_asked_for(monkeypatch, capsys):
+def test_each_experiment_runs_the_rows_and_seeds_asked_for(monkeypatch, capsys):
     calls = []
     monkeypatch.setattr(reproduce, "experiment", lambda name, flags, seeds, methods, show=True: calls.append(
         (name, seeds, sorted(reproduce.exp_of(e) for _, e in methods.values()))))
     monkeypatch.setattr(reproduce, "load_records", lambda experiment: {})
+    monkeypatch.setattr(reproduce, "transfer_table", lambda folder: "")
+    transfer = ["transfer", "--data-root", "F", "--classify-root", "C", "--seeds", "4"]
     for argv in (["fresh"], ["fresh", "--seeds", "7", "8", "--rows", "Sep", "L_con"],
-                 ["synthetic", "--seeds", "4", "--rows", "Sep", "Br", "GC"], ["budget-hard", "--seeds", "6", "--rows", "CLIP"]):
+                 ["synthetic", "--seeds", "4", "--rows", "Sep", "Br", "GC"], ["budget-hard", "--seeds", "6", "--rows", "CLIP"],
+                 transfer, [*transfer, "--rows", "CLIP", "Br"]):
         monkeypatch.setattr(reproduce.sys, "argv", ["reproduce.py", *argv])
         reproduce.main()
+    two_tower = ["bridge_scratch", "clip_base_scratch", "clip_plain_scratch", "geocons_scratch", "sep_scratch"]
     assert calls == [("budget", [4, 5, 6], ["bridge_s450", "clip_base_s450", "clip_plain_s450", "geocons_s450",
                                             "sep_s450"]),
                      ("budget", [7, 8], ["clip_base_s450", "sep_s450"]),
                      ("synthetic", [4], ["bridge", "geocons", "sep"]),
-                     ("budget-hard", [6], ["clip_plain_hard_s1800"])]
+                     ("budget-hard", [6], ["clip_plain_hard_s1800"]),
+                     # the whole transfer experiment, then only the two asked-for rows and no fusion script
+                     ("transfer", [4], two_tower), ("transfer", [4], ["albef_fusion_scratch", "codis_scratch"]),
+                     ("transfer", [4], ["bridge_scratch", "clip_plain_scratch"])]
 
 
 def test_budget_and_transfer_rename_every_run():
