@@ -18,6 +18,8 @@
     python docs/reproduce.py budget-table              # their score table; budget-figure: docs/budget.png
     python docs/reproduce.py transfer --data-root DIR --classify-root CIFAR_DIR [--text minilm]
                                                        # train on Flickr8k, zero-shot + probe on CIFAR-10
+                                                       #   (--seeds 4 5 6 --rows ...: the claims' real-photo
+                                                       #   columns, two-tower runs only)
     python docs/reproduce.py transfer-table            # its table again, from runs/results/transfer
     python docs/reproduce.py fresh [--seeds 4 5 6]     # the same as `selected`: the claims' 450-step column
     python docs/reproduce.py synthetic --seeds 4 5 6 --rows Sep Br GC   # the claims' weight-1 column (CLIP
