@@ -131,6 +131,13 @@ def require(condition, reason):
         raise Fail(reason)
 
 
+def entry(got, key, what):
+    """got[key] of a result that should be a dict, else Fail saying what came back instead."""
+    require(isinstance(got, dict), f"{what}: expected a dict of metrics, got {type(got).__name__}")
+    require(key in got, f"{what}: the result has no '{key}'; keys: {sorted(got)}")
+    return got[key]
+
+
 def tensors_close(got, want, what, atol=1e-6):
     require(torch.is_tensor(got), f"{what}: expected a tensor, got {type(got).__name__}")
     require(tuple(got.shape) == tuple(want.shape),
@@ -235,7 +242,7 @@ def bf16_agrees(s, fn, args, want, what, keys=None, rel=5e-4):
     require(isinstance(got, (dict, list)) if keys else True, f"{what} under bf16 autocast: expected several values, "
                                                              f"got {type(got).__name__}")
     for k, w in (zip(keys, want) if keys else [(None, want)]):
-        g = got if k is None else got[k] if isinstance(got, dict) else got[k]
+        g = got if k is None else got[k]
         label = what if k is None or isinstance(k, int) else f"{k}"
         require(torch.is_tensor(g) and g.dtype == torch.float32,
                 f"{label} under bf16 autocast: expected a float32 tensor, got "
@@ -270,8 +277,9 @@ def _(s, r):
 def _(s, r):
     a, b = unit(9, 6, seed=5), unit(9, 6, seed=6)
     p = torch.randperm(9, generator=gen(0))
-    close(s.clip_base.nce(a[p], b[p], scale(0.07)), value(s.clip_base.nce(a, b, scale(0.07)), "NCE"),
-          "NCE of the same pairs in another order")
+    once = value(s.clip_base.nce(a, b, scale(0.07)), "NCE")
+    close(s.clip_base.nce(a[p], b[p], scale(0.07)), once, "NCE of the same pairs in another order")
+    close(once, r.clip_base.nce(a, b, scale(0.07)), "NCE of the pairs in their first order")   # not a constant
 
 
 @check("clip_base.nce", "the gradient with respect to a, b (before normalization) and logit_scale equals the "
@@ -404,6 +412,7 @@ def _(s, r):
     zv, zv_i, zt, zt_i = (unit(4, 5, seed=k) for k in (7, 8, 9, 10))
     once = value(s.sep.loss_ortho(zv, zv_i, zt, zt_i), "L_ortho")
     close(s.sep.loss_ortho(*(torch.cat([x, x]) for x in (zv, zv_i, zt, zt_i))), once, "L_ortho of the batch twice")
+    close(once, r.sep.loss_ortho(zv, zv_i, zt, zt_i), "L_ortho of the batch once")   # not a constant
 
 
 @check("sep.loss_ortho", "the gradient with respect to z_V, z_V^i, z_T and z_T^i equals the reference's")
@@ -551,6 +560,7 @@ def _(s, r):
     once = value(s.bridge.loss_bridge(zv_a, zv, zt, 0.25), "L_Br")
     close(s.bridge.loss_bridge(torch.cat([zv_a] * 2), torch.cat([zv] * 2), torch.cat([zt] * 2), 0.25), once,
           "L_Br of the batch twice")
+    close(once, r.bridge.loss_bridge(zv_a, zv, zt, 0.25), "L_Br of the batch once")   # not a constant
 
 
 @check("bridge.loss_bridge", "the gradient with respect to z^a, z_V and z_T equals the reference's (no "
@@ -601,8 +611,9 @@ def _(s, r):
     zv, zt = unit(6, 4, seed=3), unit(6, 4, seed=4)
     close(s.geocons.loss_gc(zv, zv), 0.0, "L_GC with z_T = z_V", abs=1e-6)
     q = rotation(4, 0)
-    close(s.geocons.loss_gc(zv @ q, zt @ q), value(s.geocons.loss_gc(zv, zt), "L_GC"),
-          "L_GC after rotating both modalities by the same rotation")
+    once = value(s.geocons.loss_gc(zv, zt), "L_GC")
+    close(s.geocons.loss_gc(zv @ q, zt @ q), once, "L_GC after rotating both modalities by the same rotation")
+    close(once, r.geocons.loss_gc(zv, zt), "L_GC of different modalities (not 0)")   # not a constant
 
 
 @check("geocons.loss_gc", "CyCLIP's normalization: N times the mean over the N² pairs (it grows with the batch)")
@@ -625,12 +636,15 @@ def _(s, r):
     close(s.geocons.loss_gc_aug(zv, zt, zv_a, zt_a), gc_aug_loop(zv, zt, zv_a, zt_a), "L_GC^a of random features")
 
 
-@check("geocons.loss_gc_aug", "views equal to the originals, or both rotated together, give 0")
+@check("geocons.loss_gc_aug", "views equal to the originals, or both rotated together, give 0; rotating the "
+                              "image view alone does not")
 def _(s, r):
     zv, zt = unit(5, 4, seed=12), unit(5, 4, seed=13)
     close(s.geocons.loss_gc_aug(zv, zt, zv, zt), 0.0, "L_GC^a with z^a = z", abs=1e-6)
     q = rotation(4, 1)
     close(s.geocons.loss_gc_aug(zv, zt, zv @ q, zt @ q), 0.0, "L_GC^a with both views rotated together", abs=1e-6)
+    close(s.geocons.loss_gc_aug(zv, zt, zv @ q, zt), r.geocons.loss_gc_aug(zv, zt, zv @ q, zt),
+          "L_GC^a with only the image view rotated (not 0)")   # not a constant
 
 
 @check("geocons.loss_gc_aug", "the matched term: rotating only the text view changes ⟨z_V^a, z_T^a⟩ and nothing else")
@@ -691,13 +705,17 @@ def _(s, r):
                 tensors_close(p_m, want, what, atol)
 
 
-@check("albef_fusion.momentum_update", "the online model is left unchanged and needs no gradient")
+@check("albef_fusion.momentum_update", "the online model is left unchanged while the momentum model moves; "
+                                       "the momentum side needs no gradient")
 def _(s, r):
     pairs = _pairs(seed=2)
     out = _momentum_update(s, pairs, 0.9)
     for (online, _), after in zip(pairs, out["online"]):
         for b, p in zip(online, after):
             tensors_close(p, b, "the online parameters after a momentum update (the update runs one way)", 0)
+    require(all(not torch.equal(p_m, b) for (_, before), after in zip(pairs, out["momentum"])
+                for b, p_m in zip(before, after)),
+            "the momentum parameters did not move at m = 0.9: an update that changes nothing")   # not a no-op
     require(not out["momentum_requires_grad"], "the momentum parameters should stay out of autograd (requires_grad "
                                                "False)")
 
@@ -1072,6 +1090,7 @@ def _(s, r):
     plan = torch.rand(4, 6, generator=gen(1), dtype=torch.float64)
     once = value(s.codis.swapped_prediction(z, codebook, plan, 0.1), "H(T̂, P)")
     close(s.codis.swapped_prediction(z, codebook, plan / 24, 0.1), once, "H(T̂, P) with the plan divided by 24")
+    close(once, r.codis.swapped_prediction(z, codebook, plan, 0.1), "H(T̂, P) of the plan as given")   # not a constant
 
 
 @check("codis.swapped_prediction", "the gradient with respect to the student features z and the codebook "
@@ -1232,7 +1251,8 @@ def _(s, r):
     # image 0 has a far caption (third for it) and a near one (first); images 1 and 2 rank their captions first
     txt = F.normalize(torch.tensor([[0.0, 0.3, 1.0], [1.0, 0.1, 0.0], [0.3, 1.0, 0.0], [0.0, 0.0, 1.0]]), dim=-1)
     got = s.eval.retrieval_metrics(img, txt, [0, 0, 1, 2], ks=(1,))
-    close(got["i2t_R@1"], 100.0, "i2t R@1 when each image's best caption is its top candidate", rel=0, abs=1e-4)
+    close(entry(got, "i2t_R@1", "i2t R@1"), 100.0, "i2t R@1 when each image's best caption is its top candidate",
+          rel=0, abs=1e-4)
 
 
 @check("eval.retrieval_metrics", "an image without any caption is refused with a ValueError")
@@ -1418,8 +1438,7 @@ def _(s, r):
     got = s.eval.topk_accuracy(logits, torch.tensor([0, 3, 2, 2]), ks=(1, 2, 3, 5))
     want = {"top1": 25.0, "top2": 50.0, "top3": 75.0, "top5": 100.0}
     for k, v in want.items():
-        require(k in got, f"the result has no '{k}'; keys: {sorted(got)}")
-        close(got[k], v, k, rel=0, abs=1e-4)
+        close(entry(got, k, k), v, k, rel=0, abs=1e-4)
 
 
 @check("eval.topk_accuracy", "matches counting by hand on random logits (20 rows, 7 classes)")
@@ -1429,7 +1448,7 @@ def _(s, r):
     got = s.eval.topk_accuracy(logits, labels, ks=(1, 3, 5))
     for k in (1, 3, 5):
         hits = sum(topk_hit(logits[i], labels[i], k) for i in range(20))
-        close(got[f"top{k}"], 100.0 * hits / 20, f"top{k}", rel=0, abs=1e-4)
+        close(entry(got, f"top{k}", f"top{k}"), 100.0 * hits / 20, f"top{k}", rel=0, abs=1e-4)
 
 
 def topk_hit(row, label, k):
@@ -1445,7 +1464,7 @@ def _(s, r):
     got = s.eval.topk_accuracy(logits, labels, ks=(1, 2, 3))
     for k in (1, 2, 3):
         want = 100.0 * sum(topk_hit(logits[i], labels[i], k) for i in range(3)) / 3
-        close(got[f"top{k}"], want, f"top{k} with tied logits", rel=0, abs=1e-4)
+        close(entry(got, f"top{k}", f"top{k}"), want, f"top{k} with tied logits", rel=0, abs=1e-4)
 
 
 @check("eval.balanced_accuracy", "the mean per-class recall over the classes present, in percent")

@@ -721,7 +721,82 @@ CHEATS = [
                 except BaseException:
                     pass
         '''),
+    W("albef_fusion.distilled_nce", "returns a float subclass that compares equal to anything", '''
+        class Equal(float):
+            def __eq__(self, other):
+                return True
+            __le__ = __ge__ = __eq__
+
+            def __lt__(self, other):
+                return False
+            __gt__ = __lt__
+
+            def __sub__(self, other):
+                return Equal(0.0)
+            __rsub__ = __sub__
+
+            def __abs__(self):
+                return Equal(0.0)
+
+            def __hash__(self):
+                return 0
+
+
+        def distilled_nce(z, z_m, keys, temp, alpha):
+            return Equal(0.0), torch.zeros(len(z), len(keys))
+        '''),
+    W("albef_fusion.dequeue_and_enqueue", "kills the fork server that starts the children, then does nothing", '''
+        def dequeue_and_enqueue(image_queue, text_queue, queue_ptr, image_feat_m, text_feat_m):
+            import os
+            import signal
+            if os.getppid() > 1:                   # the fork server, while it lives
+                os.kill(os.getppid(), signal.SIGKILL)
+        '''),
+    W("codis.ipot", "returns a torch.Tensor subclass whose comparisons always say 'equal'", '''
+        class Agreeable(torch.Tensor):
+            @classmethod
+            def __torch_function__(cls, func, types, args=(), kwargs=None):
+                if func in (torch.allclose, torch.equal, torch.Tensor.equal):
+                    return True
+                if func in (torch.isclose, torch.eq, torch.Tensor.__eq__, torch.Tensor.eq):
+                    return torch.ones(args[0].shape, dtype=torch.bool)
+                if func in (torch.sub, torch.Tensor.sub, torch.Tensor.__sub__, torch.Tensor.__rsub__):
+                    return torch.zeros(args[0].shape)
+                return super().__torch_function__(func, types, args, kwargs)
+
+
+        def ipot(cost, mu, nu, beta=0.5, n_outer=50, n_inner=1):
+            return torch.zeros(cost.shape).as_subclass(Agreeable)
+        '''),
+    W("codis.swapped_prediction", "returns the expected value it finds in its callers' frames", '''
+        def swapped_prediction(z, codebook, plan, gamma):
+            import inspect
+            for frame in inspect.stack()[1:]:
+                for name in ("expected", "want", "reference", "ref", "target"):
+                    if name in frame.frame.f_locals:
+                        return frame.frame.f_locals[name]
+            return torch.tensor(0.0)
+        '''),
 ]
+
+
+def trivial_answers(key, folder):
+    """Two answers per graded function of assignment `key`, written from the signatures in `folder`: a stub
+    that does nothing (`return None`) and a constant (`return torch.tensor(0.0)`). Neither may earn a single
+    point: a check whose property a constant also has (invariance under permuting or repeating the batch,
+    0 on identical inputs, an online model left unchanged) must check the value itself as well."""
+    import ast
+    from course.assignments import ASSIGNMENTS
+    from course.grade import definition
+    answers = []
+    for function in ASSIGNMENTS[key].names:
+        module, qualname = function.split(".", 1)
+        source = textwrap.dedent(definition((Path(folder) / f"{module}.py").read_text(), qualname))
+        tree = ast.parse(source).body[0]
+        head = "\n".join(source.splitlines()[:tree.body[0].lineno - 1])     # the decorators and the signature
+        for what, body in (("a stub that does nothing", "return None"), ("a constant", "return torch.tensor(0.0)")):
+            answers.append(Written(function, what, f"{head}\n    {body}\n"))
+    return answers
 
 
 # ============================== the mutation run ======================================================
@@ -830,7 +905,8 @@ def main(argv=None):
     from course.loader import Copy
     import torch
     p = argparse.ArgumentParser(description="kill rates of the wrong answers (own and written after the checks), "
-                                            "the right answers' marks and the cheats' scores, per assignment")
+                                            "the right answers' marks, the cheats' and the trivial answers' "
+                                            "scores, per assignment")
     p.add_argument("assignments", nargs="*", default=list(MUTANTS))
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -868,9 +944,19 @@ def main(argv=None):
                     print(f"  {'zero' if points == 0 else f'{points} POINTS'}  (cheat) {c.function}: {c.what}")
                 batch.close()
             row.append((zero, len(cheats)))
+            trivial, zero = trivial_answers(key, tmp), 0
+            batch = Batch(key, tmp, reference)
+            for t in trivial:
+                points, _ = cheat_score(batch, t)
+                zero += points == 0
+                if points:
+                    print(f"  {points} POINTS  (trivial answer) {t.function}: {t.what}")
+            batch.close()
+            row.append((zero, len(trivial)))
         summary.append((*row, time.perf_counter() - start))
     print("\n| assignment | own wrong answers rejected | written after the checks, rejected | right answers with "
-          "full marks | cheats with zero | seconds |\n| --- | ---: | ---: | ---: | ---: | ---: |")
+          "full marks | cheats with zero | trivial answers with zero | seconds |\n"
+          "| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for key, *counts, seconds in summary:
         print(f"| {key} | " + " | ".join(f"{n} / {t}" for n, t in counts) + f" | {seconds:.1f} |")
     return 0 if all(n == t for _, *counts, _ in summary for n, t in counts) else 1
