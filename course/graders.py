@@ -279,7 +279,8 @@ def _(s, r):
     p = torch.randperm(9, generator=gen(0))
     once = value(s.clip_base.nce(a, b, scale(0.07)), "NCE")
     close(s.clip_base.nce(a[p], b[p], scale(0.07)), once, "NCE of the same pairs in another order")
-    close(once, r.clip_base.nce(a, b, scale(0.07)), "NCE of the pairs in their first order")   # not a constant
+    # the value itself as well: a constant would pass the invariance above
+    close(once, r.clip_base.nce(a, b, scale(0.07)), "NCE of the pairs in their first order")
 
 
 @check("clip_base.nce", "the gradient with respect to a, b (before normalization) and logit_scale equals the "
@@ -412,7 +413,8 @@ def _(s, r):
     zv, zv_i, zt, zt_i = (unit(4, 5, seed=k) for k in (7, 8, 9, 10))
     once = value(s.sep.loss_ortho(zv, zv_i, zt, zt_i), "L_ortho")
     close(s.sep.loss_ortho(*(torch.cat([x, x]) for x in (zv, zv_i, zt, zt_i))), once, "L_ortho of the batch twice")
-    close(once, r.sep.loss_ortho(zv, zv_i, zt, zt_i), "L_ortho of the batch once")   # not a constant
+    # the value itself as well: a constant would pass the invariance above
+    close(once, r.sep.loss_ortho(zv, zv_i, zt, zt_i), "L_ortho of the batch once")
 
 
 @check("sep.loss_ortho", "the gradient with respect to z_V, z_V^i, z_T and z_T^i equals the reference's")
@@ -560,7 +562,8 @@ def _(s, r):
     once = value(s.bridge.loss_bridge(zv_a, zv, zt, 0.25), "L_Br")
     close(s.bridge.loss_bridge(torch.cat([zv_a] * 2), torch.cat([zv] * 2), torch.cat([zt] * 2), 0.25), once,
           "L_Br of the batch twice")
-    close(once, r.bridge.loss_bridge(zv_a, zv, zt, 0.25), "L_Br of the batch once")   # not a constant
+    # the value itself as well: a constant would pass the invariance above
+    close(once, r.bridge.loss_bridge(zv_a, zv, zt, 0.25), "L_Br of the batch once")
 
 
 @check("bridge.loss_bridge", "the gradient with respect to z^a, z_V and z_T equals the reference's (no "
@@ -613,7 +616,8 @@ def _(s, r):
     q = rotation(4, 0)
     once = value(s.geocons.loss_gc(zv, zt), "L_GC")
     close(s.geocons.loss_gc(zv @ q, zt @ q), once, "L_GC after rotating both modalities by the same rotation")
-    close(once, r.geocons.loss_gc(zv, zt), "L_GC of different modalities (not 0)")   # not a constant
+    # the value itself as well: a constant would pass the invariance above
+    close(once, r.geocons.loss_gc(zv, zt), "L_GC of different modalities (not 0)")
 
 
 @check("geocons.loss_gc", "CyCLIP's normalization: N times the mean over the N² pairs (it grows with the batch)")
@@ -643,8 +647,9 @@ def _(s, r):
     close(s.geocons.loss_gc_aug(zv, zt, zv, zt), 0.0, "L_GC^a with z^a = z", abs=1e-6)
     q = rotation(4, 1)
     close(s.geocons.loss_gc_aug(zv, zt, zv @ q, zt @ q), 0.0, "L_GC^a with both views rotated together", abs=1e-6)
+    # the value itself as well: a constant would pass the two zeros above
     close(s.geocons.loss_gc_aug(zv, zt, zv @ q, zt), r.geocons.loss_gc_aug(zv, zt, zv @ q, zt),
-          "L_GC^a with only the image view rotated (not 0)")   # not a constant
+          "L_GC^a with only the image view rotated (not 0)")
 
 
 @check("geocons.loss_gc_aug", "the matched term: rotating only the text view changes ⟨z_V^a, z_T^a⟩ and nothing else")
@@ -713,9 +718,10 @@ def _(s, r):
     for (online, _), after in zip(pairs, out["online"]):
         for b, p in zip(online, after):
             tensors_close(p, b, "the online parameters after a momentum update (the update runs one way)", 0)
+    # and the momentum side moved: an update that does nothing would pass the loop above
     require(all(not torch.equal(p_m, b) for (_, before), after in zip(pairs, out["momentum"])
                 for b, p_m in zip(before, after)),
-            "the momentum parameters did not move at m = 0.9: an update that changes nothing")   # not a no-op
+            "the momentum parameters did not move at m = 0.9: an update that changes nothing")
     require(not out["momentum_requires_grad"], "the momentum parameters should stay out of autograd (requires_grad "
                                                "False)")
 
@@ -1090,7 +1096,8 @@ def _(s, r):
     plan = torch.rand(4, 6, generator=gen(1), dtype=torch.float64)
     once = value(s.codis.swapped_prediction(z, codebook, plan, 0.1), "H(T̂, P)")
     close(s.codis.swapped_prediction(z, codebook, plan / 24, 0.1), once, "H(T̂, P) with the plan divided by 24")
-    close(once, r.codis.swapped_prediction(z, codebook, plan, 0.1), "H(T̂, P) of the plan as given")   # not a constant
+    # the value itself as well: a constant would pass the invariance above
+    close(once, r.codis.swapped_prediction(z, codebook, plan, 0.1), "H(T̂, P) of the plan as given")
 
 
 @check("codis.swapped_prediction", "the gradient with respect to the student features z and the codebook "
