@@ -68,7 +68,13 @@ class Child:
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
         try:
-            self.pid = zygote(self.python).spawn(self.folder, self._tmp.name, (req_r, rep_w, self._out.fileno()))
+            try:
+                self.pid = zygote(self.python).spawn(self.folder, self._tmp.name, (req_r, rep_w, self._out.fileno()))
+            except (OSError, ChildGone):
+                # The fork server died after zygote() found it alive (student code may SIGKILL it, and the
+                # signal lands asynchronously): start a new one, once.
+                self.pid = zygote(self.python, fresh=True).spawn(self.folder, self._tmp.name,
+                                                                 (req_r, rep_w, self._out.fileno()))
         finally:
             os.close(req_r)
             os.close(rep_w)
@@ -238,9 +244,12 @@ _ZYGOTES = {}
 CHILD_CPU = [0.0]      # CPU seconds of every ended child of this process: the time the student's code ran
 
 
-def zygote(python):
-    """The fork server for this interpreter command, started on first use (and again if it died)."""
+def zygote(python, fresh=False):
+    """The fork server for this interpreter command, started on first use, again if it died, and anew if
+    `fresh` (the caller found it dead though it looked alive)."""
     key = tuple(python)
+    if fresh and key in _ZYGOTES:
+        _ZYGOTES.pop(key).close()
     if key not in _ZYGOTES or not _ZYGOTES[key].alive():
         _ZYGOTES[key] = Zygote(python)
     return _ZYGOTES[key]

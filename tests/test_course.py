@@ -317,6 +317,29 @@ def test_grading_goes_on_after_a_cheat_kills_the_fork_server(copies, reference):
         batch.close()
 
 
+def test_a_child_is_forked_by_a_new_server_when_the_old_one_died_looking_alive(copies, reference, monkeypatch):
+    """The fork server can die between the check that it lives and the request to fork (a student's code
+    SIGKILLs it, and the signal lands asynchronously): the next function is then graded by a child of a new
+    server, not lost to a BrokenPipeError. The race is made certain here: the dead server still looks alive."""
+    import os
+    import signal
+    from course import sandbox
+    batch = Batch("A5", copies("A5", "filled")[0], reference)
+    try:
+        server = sandbox.zygote(batch.child.python)
+        os.killpg(server.proc.pid, signal.SIGKILL)
+        server.proc.wait(timeout=10)
+        monkeypatch.setattr(sandbox.Zygote, "alive", lambda self: self is server or self.proc.poll() is None)
+        batch.child.kill()                        # the next request forks a fresh child
+        cheat = next(c for c in CHEATS if "fork server" in c.what)
+        source = definition((batch.folder / "albef_fusion.py").read_text(), "dequeue_and_enqueue")
+        fine, failed = right(batch, type(cheat)(cheat.function, "the reference", source))
+        assert fine, [(x.check, x.reason) for x in failed]
+        assert sandbox.zygote(batch.child.python) is not server
+    finally:
+        batch.close()
+
+
 def test_mutate_edits_only_its_function_and_reports_outdated_edits():
     source = (ROOT / "bridge.py").read_text()
     m = MUTANTS["A3"][0]
