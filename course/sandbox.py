@@ -67,14 +67,14 @@ class Child:
         """Fork a fresh child from the fork server; the setup is sent before the next request."""
         req_r, req_w = os.pipe()
         rep_r, rep_w = os.pipe()
+        fds = (req_r, rep_w, self._out.fileno())
         try:
             try:
-                self.pid = zygote(self.python).spawn(self.folder, self._tmp.name, (req_r, rep_w, self._out.fileno()))
+                self.pid = zygote(self.python).spawn(self.folder, self._tmp.name, fds)
             except (OSError, ChildGone):
                 # The fork server died after zygote() found it alive (student code may SIGKILL it, and the
                 # signal lands asynchronously): start a new one, once.
-                self.pid = zygote(self.python, fresh=True).spawn(self.folder, self._tmp.name,
-                                                                 (req_r, rep_w, self._out.fileno()))
+                self.pid = zygote(self.python, fresh=True).spawn(self.folder, self._tmp.name, fds)
         finally:
             os.close(req_r)
             os.close(rep_w)

@@ -6,7 +6,9 @@ for the functions it touches without ever making grade.py exit 0. The student's 
 (course/child.py); one child per assignment serves all of its versions (mutants.Batch)."""
 import ast
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -14,6 +16,7 @@ import textwrap
 import pytest
 import torch
 
+from course import sandbox
 from course.assignments import ASSIGNMENTS
 from course.grade import LEARNING_ROW, definition, full_marks, grade
 from course.grade import main as grade_main
@@ -298,21 +301,28 @@ def test_a_stub_or_a_constant_earns_no_point(key, batches):
         assert results and points == 0, (answer.function, answer.what, [x.check for x in results if x.passed])
 
 
+FORK_SERVER_CHEAT = next(c for c in CHEATS if "fork server" in c.what)
+
+
+def assert_a_new_server_grades_the_reference(batch, dead):
+    """After the fork server `dead` is gone, the reference's own dequeue_and_enqueue gets full marks in the same
+    batch, from a child of a new server."""
+    source = definition((batch.folder / "albef_fusion.py").read_text(), "dequeue_and_enqueue")
+    fine, failed = right(batch, type(FORK_SERVER_CHEAT)(FORK_SERVER_CHEAT.function, "the reference", source))
+    assert fine, [(x.check, x.reason) for x in failed]
+    assert sandbox.zygote(batch.child.python) is not dead
+
+
 def test_grading_goes_on_after_a_cheat_kills_the_fork_server(copies, reference):
-    """The fork-server cheat scores zero, and the next function graded in the same run, the reference's own
-    dequeue_and_enqueue, gets full marks from a fork server started again."""
-    from course.sandbox import zygote
+    """The fork-server cheat scores zero, and the next function graded in the same run gets full marks from a
+    fork server started again."""
     batch = Batch("A5", copies("A5", "filled")[0], reference)      # its own child, forked by the current server
     try:
-        server = zygote(batch.child.python)
-        cheat = next(c for c in CHEATS if "fork server" in c.what)
-        points, results = cheat_score(batch, cheat, timeout=2, total_timeout=6)
+        server = sandbox.zygote(batch.child.python)
+        points, results = cheat_score(batch, FORK_SERVER_CHEAT, timeout=2, total_timeout=6)
         assert results and points == 0
         server.proc.wait(timeout=10)              # SIGKILL is asynchronous: the server is gone moments later
-        source = definition((batch.folder / "albef_fusion.py").read_text(), "dequeue_and_enqueue")
-        fine, failed = right(batch, type(cheat)(cheat.function, "the reference", source))
-        assert fine, [(x.check, x.reason) for x in failed]
-        assert zygote(batch.child.python) is not server
+        assert_a_new_server_grades_the_reference(batch, server)
     finally:
         batch.close()
 
@@ -321,9 +331,6 @@ def test_a_child_is_forked_by_a_new_server_when_the_old_one_died_looking_alive(c
     """The fork server can die between the check that it lives and the request to fork (a student's code
     SIGKILLs it, and the signal lands asynchronously): the next function is then graded by a child of a new
     server, not lost to a BrokenPipeError. The race is made certain here: the dead server still looks alive."""
-    import os
-    import signal
-    from course import sandbox
     batch = Batch("A5", copies("A5", "filled")[0], reference)
     try:
         server = sandbox.zygote(batch.child.python)
@@ -331,11 +338,7 @@ def test_a_child_is_forked_by_a_new_server_when_the_old_one_died_looking_alive(c
         server.proc.wait(timeout=10)
         monkeypatch.setattr(sandbox.Zygote, "alive", lambda self: self is server or self.proc.poll() is None)
         batch.child.kill()                        # the next request forks a fresh child
-        cheat = next(c for c in CHEATS if "fork server" in c.what)
-        source = definition((batch.folder / "albef_fusion.py").read_text(), "dequeue_and_enqueue")
-        fine, failed = right(batch, type(cheat)(cheat.function, "the reference", source))
-        assert fine, [(x.check, x.reason) for x in failed]
-        assert sandbox.zygote(batch.child.python) is not server
+        assert_a_new_server_grades_the_reference(batch, server)
     finally:
         batch.close()
 
